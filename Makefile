@@ -1,0 +1,78 @@
+# The README's commands. `make test` sets up everything on a fresh machine (virtual environment,
+# pinned requirements, libgtest-dev), builds the extension and runs ctest then pytest; a second
+# run reuses the environment and rebuilds only what changed.
+#
+#   make test       CPU build + C++ and Python tests (what CI runs)
+#   make gpu-test   offline GPU machine: system Python, no installs, CUDA tests and GPU benchmarks
+#   make bench      CPU benchmarks (bench/*.py), tables on stdout, JSON in bench/results/
+#   make lint       ruff
+#   make clean      remove build outputs (keeps .venv)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+BUILD_DIR ?= build/venv
+GPU_BUILD_DIR ?= build/gpu
+MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+export MAX_JOBS
+
+.PHONY: test build venv sysdeps gpu-test bench lint clean info
+
+test: build
+	@echo "== build info"
+	$(VPY) -m stackwise.info
+	@echo "== C++ tests (ctest)"
+	@if [ -f $(BUILD_DIR)/tests/cpp/CTestTestfile.cmake ]; then \
+	  $(VPY) -c "import cmake, os, sys; os.execv(os.path.join(cmake.CMAKE_BIN_DIR, 'ctest'), ['ctest'] + sys.argv[1:])" \
+	    --test-dir $(BUILD_DIR) --output-on-failure --timeout 300; \
+	else echo "C++ tests not built (GTest missing)"; exit 1; fi
+	@echo "== Python tests (pytest)"
+	$(VPY) -m pytest tests/python
+
+venv: $(VENV)/.requirements.stamp
+
+$(VENV)/.requirements.stamp: requirements.txt
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+# libgtest-dev from Debian when it is missing (needs root or sudo).
+sysdeps:
+	@if [ ! -f /usr/include/gtest/gtest.h ]; then \
+	  echo "installing libgtest-dev"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q libgtest-dev >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q libgtest-dev >/dev/null; }; \
+	fi
+
+build: venv sysdeps
+	STACKWISE_BUILD_DIR=$(BUILD_DIR) $(VPY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+info: build
+	$(VPY) -m stackwise.info
+
+# The GPU machine has no network: torch, cmake, ninja, pybind11 and pytest are preinstalled for
+# its system Python. CUDA must build there (STACKWISE_BUILD_CUDA=1); every test runs, the CUDA
+# ones included, then the GPU benchmarks write their JSON to bench/results/gpu/.
+gpu-test:
+	PIP_BREAK_SYSTEM_PACKAGES=1 STACKWISE_BUILD_DIR=$(GPU_BUILD_DIR) STACKWISE_BUILD_CUDA=1 \
+	  $(PYTHON) -m pip install --no-build-isolation --no-deps --no-index -e .
+	$(PYTHON) -m stackwise.info
+	@if [ -f $(GPU_BUILD_DIR)/tests/cpp/CTestTestfile.cmake ]; then \
+	  $(PYTHON) -c "import cmake, os, sys; os.execv(os.path.join(cmake.CMAKE_BIN_DIR, 'ctest'), ['ctest'] + sys.argv[1:])" \
+	    --test-dir $(GPU_BUILD_DIR) --output-on-failure --timeout 300 || exit 1; \
+	else echo "C++ tests not built (GTest missing)"; fi
+	$(PYTHON) -m pytest tests/python -rs
+	$(PYTHON) bench/ops_swiglu.py --device cuda --json bench/results/gpu/ops_swiglu.json
+
+bench: build
+	$(VPY) bench/ops_swiglu.py --device cpu
+
+lint: venv
+	$(VENV)/bin/ruff check python tests bench setup.py
+	$(VENV)/bin/ruff format --check python tests bench setup.py
+
+clean:
+	rm -rf build python/stackwise/_C*.so python/stackwise/*.egg-info
