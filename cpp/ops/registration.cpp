@@ -7,4 +7,19 @@ TORCH_LIBRARY(stackwise, m) {
   // SwiGLU: out = silu(gate) * up, elementwise over equal shapes.
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+
+  // Quantization (formats in stackwise/quant_formats.h). int8/fp8 work on rows of a 2-D tensor;
+  // the Python wrappers map axes, blocks and whole tensors onto rows.
+  m.def("quantize_nf4(Tensor x, int block_size) -> (Tensor packed, Tensor absmax)");
+  m.def("dequantize_nf4(Tensor packed, Tensor absmax, int[] shape, int block_size, "
+        "ScalarType dtype) -> Tensor");
+  m.def("quantize_int8(Tensor x) -> (Tensor q, Tensor scale)");
+  m.def("dequantize_int8(Tensor q, Tensor scale, ScalarType dtype) -> Tensor");
+  m.def("quantize_fp8(Tensor x, ScalarType fp8_dtype) -> (Tensor q, Tensor scale)");
+  m.def("dequantize_fp8(Tensor q, Tensor scale, ScalarType dtype) -> Tensor");
+  // y = x · dequant(W)ᵀ + bias for a frozen quantized weight; the backward gives dx only.
+  m.def("quantized_linear(Tensor x, Tensor qweight, Tensor scales, str fmt, int out_features, "
+        "int in_features, int block_size, Tensor? bias) -> Tensor");
+  m.def("quantized_linear_backward(Tensor grad_out, Tensor qweight, Tensor scales, str fmt, "
+        "int out_features, int in_features, int block_size) -> Tensor");
 }

@@ -7,6 +7,26 @@ autograd registration whose backward calls the family's backward op. Plain-PyTor
 
 from __future__ import annotations
 
+from stackwise.ops.quant import (
+    dequantize_fp8,
+    dequantize_int8,
+    dequantize_nf4,
+    quantize_fp8,
+    quantize_int8,
+    quantize_nf4,
+    quantized_linear,
+    to_half,
+)
 from stackwise.ops.swiglu import swiglu
 
-__all__ = ["swiglu"]
+__all__ = [
+    "dequantize_fp8",
+    "dequantize_int8",
+    "dequantize_nf4",
+    "quantize_fp8",
+    "quantize_int8",
+    "quantize_nf4",
+    "quantized_linear",
+    "swiglu",
+    "to_half",
+]

@@ -28,3 +28,85 @@ def swiglu_backward_reference(grad_out: Tensor, gate: Tensor, up: Tensor) -> tup
     g, u, dy = gate.to(acc), up.to(acc), grad_out.to(acc)
     s = torch.sigmoid(g)
     return dy * u * s * (1 + g * (1 - s)), dy * g * s
+
+
+# ---- quantization (formats in cpp/include/stackwise/quant_formats.h) -------------------
+
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
+
+
+def quantize_nf4_reference(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """NF4 with plain tensor ops: absmax per block, multiply by the float32 reciprocal, clamp,
+    count midpoints strictly below, pack two codes per byte (first in the high nibble)."""
+    blocks = x.reshape(-1, block_size).float()
+    absmax = blocks.abs().amax(dim=1)
+    inv = 1.0 / absmax.clamp(min=1e-38)
+    scaled = (blocks * inv[:, None]).clamp(-1, 1).reshape(-1)
+    mids = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+    codes = (mids[None, :] < scaled[:, None]).sum(1).to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+def dequantize_nf4_reference(
+    packed: Tensor, absmax: Tensor, shape, block_size: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).long()
+    vals = NF4_CODE[codes].reshape(-1, block_size) * absmax[:, None]
+    return vals.reshape(tuple(shape)).to(dtype)
+
+
+def _rows(x: Tensor, axis):
+    if axis is None:
+        return x.reshape(1, -1).float(), [1] * x.dim(), None
+    axis %= x.dim()
+    shape = list(x.shape)
+    shape[axis] = 1
+    return x.movedim(axis, -1).reshape(-1, x.shape[axis]).float(), shape, axis
+
+
+def _unrows(rows: Tensor, x: Tensor, axis):
+    if axis is None:
+        return rows.reshape(x.shape)
+    return rows.reshape(list(x.movedim(axis, -1).shape)).movedim(-1, axis)
+
+
+def quantize_int8_reference(x: Tensor, axis=-1) -> tuple[Tensor, Tensor]:
+    """Symmetric absmax int8 with round-half-even, scale = absmax / 127 (0 for zero rows)."""
+    rows, shape, ax = _rows(x, axis)
+    scale = rows.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.where(scale[:, None] > 0, torch.round(rows / safe[:, None]), torch.zeros_like(rows))
+    q = q.clamp(-127, 127).to(torch.int8)
+    return _unrows(q, x, ax), scale.reshape(shape)
+
+
+def quantize_fp8_reference(x: Tensor, fmt: str = "e4m3", axis=-1) -> tuple[Tensor, Tensor]:
+    """Scaled fp8: scale = absmax / max, codes = fp8(clamp(x / scale)) (0 for zero rows)."""
+    fmax = {"e4m3": 448.0, "e5m2": 57344.0}[fmt]
+    dtype = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[fmt]
+    rows, shape, ax = _rows(x, axis)
+    scale = rows.abs().amax(dim=1) / fmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    v = torch.where(scale[:, None] > 0, rows / safe[:, None], torch.zeros_like(rows))
+    q = v.clamp(-fmax, fmax).to(dtype)
+    return _unrows(q, x, ax), scale.reshape(shape)

@@ -1,0 +1,1 @@
+"""Training: strategies (quantization, masking, caching) and trainers."""

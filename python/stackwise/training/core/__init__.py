@@ -1,0 +1,1 @@
+"""Trainer internals: LoRA adapters over quantized frozen layers."""
