@@ -87,7 +87,7 @@ def nf4_rows(repeat: int) -> list[Row]:
     return rows
 
 
-def memory_ratio() -> float:
+def memory_ratio(double_quant: bool = False) -> float:
     blocks = nn.ModuleList(
         nn.ModuleDict(
             {
@@ -100,7 +100,7 @@ def memory_ratio() -> float:
         for _ in range(12)
     )
     fp16_bytes = sum(p.numel() * 2 for p in blocks.parameters())
-    mgr = QuantizationManager(keep_backup=False)
+    mgr = QuantizationManager(keep_backup=False, double_quant=double_quant)
     mgr.convert_to_precision(blocks, "nf4")
     return mgr.memory_footprint(blocks) / fp16_bytes
 
@@ -144,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     lin = linear_rows(args.repeat)
     print(format_table("quantized_linear", lin, ["op", "shape", "dtype"]))
     ratio = memory_ratio()
-    print(f"GPT-2-small-shaped stack (12 blocks of linears): NF4 bytes / fp16 bytes = {ratio:.4f}")
+    ratio_dq = memory_ratio(double_quant=True)
+    print(
+        f"GPT-2-small-shaped stack (12 blocks of linears): NF4 bytes / fp16 bytes = {ratio:.4f}"
+        f" ({ratio_dq:.4f} with double quantization)"
+    )
     env = environment("cpu")
     env["nf4_over_fp16_bytes"] = ratio
+    env["nf4_dq_over_fp16_bytes"] = ratio_dq
     out = write_json(args.json, "ops_quant", env, rows + lin)
     print(f"wrote {out}")
     return 0

@@ -2,8 +2,9 @@
 precision and used without ever materialising a full-precision copy between calls.
 
 State (what ``state_dict`` and so safetensors hold): ``qweight`` (packed codes), ``scales``
-(float32), ``quant_meta`` (int64 ``[format id, block size, out_features, in_features, format
-version]``) and ``bias`` when present — packed bytes, not float32.
+(float32 absmax; with NF4 double quantization uint8 codes plus ``scales2`` and
+``scales_offset``), ``quant_meta`` (int64 ``[format id, block size, out_features, in_features,
+format version, double quant]``) and ``bias`` when present — packed bytes, not float32.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from stackwise.ops import quant as q
 FORMAT_IDS = {"nf4": 1, "int8": 2, "fp8_e4m3": 3, "fp8_e5m2": 4, "fp16": 5, "bf16": 6}
 _FORMAT_NAMES = {v: k for k, v in FORMAT_IDS.items()}
 _META_VERSION = 1
+_DQ_BLOCK = 256
 
 
 def _empty_storage(precision: str, out_f: int, in_f: int, block: int) -> tuple[Tensor, Tensor]:
@@ -49,6 +51,8 @@ class QuantizedLinear(nn.Module):
         block_size: NF4 absmax block (power of two, 32..4096); ignored by the other formats,
             which scale per output row.
         bias: whether the layer has a bias (kept in full precision, frozen by default).
+        double_quant: NF4 only: store the absmax values in 8 bits (QLoRA's double
+            quantization, blocks of 256), 0.127 instead of 0.5 bits per weight.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class QuantizedLinear(nn.Module):
         block_size: int = 64,
         bias: bool = True,
         name: str = "",
+        double_quant: bool = False,
     ) -> None:
         super().__init__()
         if precision not in FORMAT_IDS:
@@ -78,21 +83,39 @@ class QuantizedLinear(nn.Module):
         self.out_features = out_features
         self.precision = precision
         self.block_size = block_size
+        if double_quant and precision != "nf4":
+            raise QuantizationError(
+                f"QuantizedLinear {name}: double_quant applies to nf4 only, not {precision}"
+            )
+        self.double_quant = bool(double_quant)
         qweight, scales = _empty_storage(precision, out_features, in_features, block_size)
         self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.register_buffer(
-            "quant_meta",
-            torch.tensor(
-                [FORMAT_IDS[precision], block_size, out_features, in_features, _META_VERSION],
-                dtype=torch.int64,
-            ),
-        )
+        if self.double_quant:
+            n_abs = scales.numel()
+            self.register_buffer("scales", torch.empty(n_abs, dtype=torch.uint8))
+            self.register_buffer("scales2", torch.empty(-(-n_abs // _DQ_BLOCK)))
+            self.register_buffer("scales_offset", torch.zeros(()))
+        else:
+            self.register_buffer("scales", scales)
+        meta = [
+            FORMAT_IDS[precision],
+            block_size,
+            out_features,
+            in_features,
+            _META_VERSION,
+            int(self.double_quant),
+        ]
+        self.register_buffer("quant_meta", torch.tensor(meta, dtype=torch.int64))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, precision: str = "nf4", block_size: int = 64, name: str = ""
+        cls,
+        linear: nn.Linear,
+        precision: str = "nf4",
+        block_size: int = 64,
+        name: str = "",
+        double_quant: bool = False,
     ) -> QuantizedLinear:
         """Quantize an ``nn.Linear``'s weight; the bias is copied in float32, frozen."""
         if not isinstance(linear, nn.Linear):
@@ -110,6 +133,7 @@ class QuantizedLinear(nn.Module):
             block_size,
             bias=linear.bias is not None,
             name=name,
+            double_quant=double_quant,
         )
         mod.to(w.device)
         mod.quantize_(w)
@@ -136,14 +160,26 @@ class QuantizedLinear(nn.Module):
             qw = q.to_half(weight, torch.float16 if p == "fp16" else torch.bfloat16, "weight")
             sc = self.scales
         self.qweight = qw.contiguous()
-        self.scales = sc.reshape(-1).contiguous().float()
+        if self.double_quant:
+            codes, scales2, offset = q.double_quantize_absmax(sc, _DQ_BLOCK)
+            self.scales, self.scales2, self.scales_offset = codes, scales2, offset
+        else:
+            self.scales = sc.reshape(-1).contiguous().float()
+
+    def absmax(self) -> Tensor:
+        """The per-row or per-block float32 scales (dequantized when double-quantized)."""
+        if self.double_quant:
+            return q.double_dequantize_absmax(
+                self.scales, self.scales2, self.scales_offset, _DQ_BLOCK
+            )
+        return self.scales
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight ``[out_features, in_features]`` in ``dtype`` (a new tensor)."""
         p = self.precision
         shape = (self.out_features, self.in_features)
         if p == "nf4":
-            return q.dequantize_nf4(self.qweight, self.scales, shape, self.block_size, dtype)
+            return q.dequantize_nf4(self.qweight, self.absmax(), shape, self.block_size, dtype)
         if p == "int8":
             return q.dequantize_int8(self.qweight, self.scales.reshape(-1, 1), dtype)
         if p.startswith("fp8"):
@@ -160,7 +196,7 @@ class QuantizedLinear(nn.Module):
         return q.quantized_linear(
             x,
             self.qweight,
-            self.scales,
+            self.absmax(),
             fmt,
             self.out_features,
             self.in_features,
@@ -173,19 +209,23 @@ class QuantizedLinear(nn.Module):
     ):
         meta = state_dict.get(prefix + "quant_meta")
         if meta is not None:
-            fmt_id, block, out_f, in_f = (int(v) for v in meta.tolist()[:4])
+            vals = [int(v) for v in meta.tolist()]
+            fmt_id, block, out_f, in_f = vals[:4]
+            dq = vals[5] if len(vals) > 5 else 0
             ours = (
                 FORMAT_IDS[self.precision],
                 self.block_size,
                 self.out_features,
                 self.in_features,
+                int(self.double_quant),
             )
-            if (fmt_id, block, out_f, in_f) != ours:
+            if (fmt_id, block, out_f, in_f, dq) != ours:
                 raise QuantizationError(
                     f"QuantizedLinear {prefix.rstrip('.')}: checkpoint holds "
-                    f"{_FORMAT_NAMES.get(fmt_id, fmt_id)} {out_f}x{in_f} block {block}, "
-                    f"this layer is {self.precision} {self.out_features}x{self.in_features} "
-                    f"block {self.block_size}"
+                    f"{_FORMAT_NAMES.get(fmt_id, fmt_id)} {out_f}x{in_f} block {block} "
+                    f"double_quant={bool(dq)}, this layer is {self.precision} "
+                    f"{self.out_features}x{self.in_features} block {self.block_size} "
+                    f"double_quant={self.double_quant}"
                 )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing, unexpected, errors
@@ -195,5 +235,6 @@ class QuantizedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"precision={self.precision}, block_size={self.block_size}, "
+            f"double_quant={self.double_quant}, "
             f"bias={self.bias is not None}"
         )

@@ -11,6 +11,8 @@ from stackwise.ops.quant import (
     dequantize_fp8,
     dequantize_int8,
     dequantize_nf4,
+    double_dequantize_absmax,
+    double_quantize_absmax,
     quantize_fp8,
     quantize_int8,
     quantize_nf4,
@@ -20,6 +22,8 @@ from stackwise.ops.quant import (
 from stackwise.ops.swiglu import swiglu
 
 __all__ = [
+    "double_dequantize_absmax",
+    "double_quantize_absmax",
     "dequantize_fp8",
     "dequantize_int8",
     "dequantize_nf4",

@@ -77,6 +77,61 @@ def dequantize_nf4(
     )
 
 
+def dynamic_code_8bit() -> Tensor:
+    """The signed 8-bit "dynamic" code book (Dettmers 2016, "8-Bit Approximations for
+    Parallelism in Deep Learning"): per exponent e = 0..6, 2^e linearly spaced fraction values
+    times 10^(e-6), both signs, plus 0 and 1 — the code bitsandbytes uses for the second level of
+    QLoRA's double quantization. 256 float32 values, ascending; a code is an index into it."""
+    data: list[float] = []
+    for e in range(7):
+        items = 2**e + 1
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + e)) * means).tolist()
+        data += (-(10 ** (-6 + e)) * means).tolist()
+    data += [0.0, 1.0]  # 254 + 2 = 256 values
+    return torch.tensor(data, dtype=torch.float32).sort().values
+
+
+def double_quantize_absmax(absmax: Tensor, block_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """QLoRA's double quantization of NF4 absmax values: subtract their mean, then quantize to the
+    8-bit dynamic code in blocks of ``block_size`` with a float32 absmax each (nearest code, ties
+    to the lower value).
+
+    Returns ``(codes uint8 [n], scales float32 [ceil(n / block_size)], offset float32 [])``.
+    Costs 8 + 32 / block_size bits per absmax instead of 32.
+    """
+    if absmax.dtype != torch.float32 or absmax.dim() != 1:
+        raise QuantizationError(
+            f"double_quantize_absmax: absmax must be 1-D float32, got {absmax.dtype} "
+            f"of shape {tuple(absmax.shape)}"
+        )
+    code = dynamic_code_8bit().to(absmax.device)
+    offset = absmax.mean()
+    a = absmax - offset
+    n = a.numel()
+    pad = (-n) % block_size
+    blocks = torch.nn.functional.pad(a, (0, pad)).reshape(-1, block_size)
+    scales = blocks.abs().amax(dim=1)
+    norm = (blocks / scales.clamp(min=1e-38)[:, None]).clamp(-1, 1).reshape(-1)[:n]
+    sorted_code, order = code.sort()
+    mids = (sorted_code[:-1] + sorted_code[1:]) / 2
+    codes = order[torch.bucketize(norm, mids)].to(torch.uint8)
+    return codes, scales, offset
+
+
+def double_dequantize_absmax(
+    codes: Tensor, scales: Tensor, offset: Tensor, block_size: int = 256
+) -> Tensor:
+    """Inverse of :func:`double_quantize_absmax`: ``code[c] * scale + offset`` (float32)."""
+    code = dynamic_code_8bit().to(codes.device)
+    n = codes.numel()
+    vals = code[codes.long()]
+    pad = (-n) % block_size
+    vals = torch.nn.functional.pad(vals, (0, pad)).reshape(-1, block_size) * scales[:, None]
+    return vals.reshape(-1)[:n] + offset
+
+
 def _rows_view(x: Tensor, axis: int | None, block_size: int | None, op: str) -> tuple[Tensor, list]:
     """Map per-axis / per-block / per-tensor scaling onto rows of a 2-D view.
 

@@ -76,3 +76,23 @@ def test_errors():
         QuantizedLinear.from_linear(nn.Linear(7, 9), "nf4", name="blocks.0.attn")
     with pytest.raises(QuantizationError, match="expected nn.Linear"):
         QuantizedLinear.from_linear(nn.Conv1d(4, 4, 1), "nf4")
+
+
+def test_double_quant_layer_and_state_dict():
+    lin = _linear(256, 256)
+    plain = QuantizedLinear.from_linear(lin, "nf4")
+    dq = QuantizedLinear.from_linear(lin, "nf4", double_quant=True)
+    x = torch.randn(4, 256)
+    torch.testing.assert_close(dq(x), plain(x), rtol=0.02, atol=0.02)
+    sd = dq.state_dict()
+    assert sd["scales"].dtype == torch.uint8
+    nbytes_dq = sum(t.numel() * t.element_size() for t in sd.values())
+    nbytes = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+    assert nbytes_dq < nbytes
+    fresh = QuantizedLinear(256, 256, "nf4", double_quant=True)
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(fresh(x), dq(x), rtol=0, atol=0)
+    with pytest.raises(QuantizationError, match="double_quant=True"):
+        QuantizedLinear(256, 256, "nf4").load_state_dict(sd)
+    with pytest.raises(QuantizationError, match="double_quant applies to nf4 only"):
+        QuantizedLinear(256, 256, "int8", double_quant=True)

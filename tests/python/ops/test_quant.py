@@ -234,3 +234,29 @@ def test_quantized_linear_rejects_mismatch():
         ops.quantized_linear(torch.randn(2, 128), p, a, "nf3", 64, 128, 64)
     with pytest.raises(ValueError, match="needs 2048 and 64"):
         ops.quantized_linear(torch.randn(2, 128), p, a, "nf4", 32, 128, 64)
+
+
+# ---- double quantization --------------------------------------------------------------------
+
+
+def test_double_quant_code_book_matches_bitsandbytes():
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(ops.quant.dynamic_code_8bit(), bnb_f.create_dynamic_map(signed=True))
+
+
+def test_double_quant_roundtrip_and_agreement_with_bitsandbytes():
+    x = _x((256, 1024), seed=9)
+    packed, absmax = ops.quantize_nf4(x, 64)
+    codes, scales, offset = ops.double_quantize_absmax(absmax)
+    assert codes.dtype == torch.uint8 and scales.shape == (absmax.numel() // 256,)
+    back = ops.double_dequantize_absmax(codes, scales, offset)
+    # The dynamic code's largest relative gap near |v| ~ 0.1..1 is ~1.4%: half of it bounds the
+    # error relative to the block's scale.
+    err = (back - absmax).abs().reshape(-1, 256)
+    assert bool((err <= scales[:, None] * 0.0071 + 1e-7).all())
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    _, state = bnb_f.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(scales, state.state2.absmax)
+    assert float(offset) == float(state.offset)
+    # We round to the nearest code; bitsandbytes' CPU search sometimes takes the second nearest.
+    assert (codes != state.absmax).float().mean() < 0.01

@@ -37,6 +37,7 @@ class QLoRAAdapter(nn.Module):
         quantization: storage of an ``nn.Linear`` base: ``"nf4"`` (default), ``"int8"``,
             ``"fp8_e4m3"``, ``"fp8_e5m2"``, ``"fp16"``, ``"bf16"``, or ``None`` to keep it as given.
         block_size: NF4 block size for the base.
+        double_quant: NF4 base only: QLoRA's double quantization of the absmax values.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class QLoRAAdapter(nn.Module):
         dropout: float = 0.1,
         quantization: str | None = "nf4",
         block_size: int = 64,
+        double_quant: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(original_layer, (nn.Linear, QuantizedLinear)):
@@ -60,7 +62,9 @@ class QLoRAAdapter(nn.Module):
             raise QuantizationError(f"QLoRAAdapter: dropout must be in [0, 1), got {dropout!r}")
         base = original_layer
         if isinstance(base, nn.Linear) and quantization is not None:
-            base = QuantizedLinear.from_linear(base, quantization, block_size)
+            base = QuantizedLinear.from_linear(
+                base, quantization, block_size, double_quant=double_quant
+            )
         self.base_layer = base
         self.in_features = base.in_features
         self.out_features = base.out_features

@@ -62,6 +62,7 @@ class QuantizationManager:
         other_precision: precision of norms and embeddings ("fp32", "fp16" or "bf16").
         keep_backup: keep a CPU copy of each converted layer so :meth:`restore` can undo.
         skip_modules: qualified module names (or name suffixes) left untouched.
+        double_quant: NF4 layers also quantize their absmax values (QLoRA double quantization).
     """
 
     def __init__(
@@ -72,7 +73,9 @@ class QuantizationManager:
         other_precision: str = "fp32",
         keep_backup: bool = True,
         skip_modules: tuple[str, ...] | list[str] = (),
+        double_quant: bool = False,
     ) -> None:
+        self.double_quant = bool(double_quant)
         self.precision = canonical_precision(precision)
         self.enable_qlora = bool(enable_qlora)
         self.block_size = block_size
@@ -115,7 +118,13 @@ class QuantizationManager:
         if target == "fp32":
             return linear.float()
         try:
-            return QuantizedLinear.from_linear(linear, target, self.block_size, name=name)
+            return QuantizedLinear.from_linear(
+                linear,
+                target,
+                self.block_size,
+                name=name,
+                double_quant=self.double_quant and target == "nf4",
+            )
         except QuantizationError as exc:
             raise QuantizationError(f"layer {name}: {exc}") from exc
 
