@@ -3,6 +3,8 @@
 // vectorizes them (the NF4 code search is 15 compare-adds, branch-free).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Float8_e5m2.h>
@@ -10,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "quant_kernels.h"
 #include "stackwise/quant_formats.h"
@@ -18,6 +21,9 @@ namespace stackwise::cpu::CPU_CAPABILITY {
 namespace {
 
 constexpr float kNf4Code[16] = STACKWISE_NF4_CODE_VALUES;
+
+// Rows of x up to which the fused NF4 matmul beats dequantize-then-BLAS (see quantized_linear).
+constexpr int64_t kSmallRows = 16;
 
 struct Nf4Midpoints {
   float m[15];
@@ -83,7 +89,101 @@ float row_absmax(const T* x, int64_t d) {
   return am;
 }
 
+// Decodes 64 NF4 weights (32 packed bytes) with the block's scaled code book `lut`.
+inline void decode64(const uint8_t* p, const float* lut, float* w) {
+  for (int i = 0; i < 32; ++i) {
+    w[2 * i] = lut[p[i] >> 4];
+    w[2 * i + 1] = lut[p[i] & 0xF];
+  }
+}
+
 }  // namespace
+
+void nf4_matmul_small_kernel(const at::Tensor& x, const at::Tensor& packed,
+                             const at::Tensor& absmax, int64_t block_size, at::Tensor& y) {
+  using Vec = at::vec::Vectorized<float>;
+  const int64_t m_rows = x.size(0), k = x.size(1), n_cols = y.size(1);
+  TORCH_CHECK(m_rows <= kSmallRows && k % block_size == 0 && block_size % 64 == 0);
+  const float* xp = x.const_data_ptr<float>();
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  const float* ap = absmax.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t blocks_per_row = k / block_size;
+  at::parallel_for(0, n_cols, 16, [&](int64_t n0, int64_t n1) {
+    alignas(64) float w[64];
+    float lut[16];
+    for (int64_t n = n0; n < n1; ++n) {
+      Vec acc[kSmallRows];
+      for (int64_t m = 0; m < m_rows; ++m) acc[m] = Vec(0.0f);
+      for (int64_t b = 0; b < blocks_per_row; ++b) {
+        const int64_t blk = n * blocks_per_row + b;
+        const float am = ap[blk];
+        for (int j = 0; j < 16; ++j) lut[j] = kNf4Code[j] * am;
+        for (int64_t c = 0; c < block_size; c += 64) {
+          decode64(pp + (blk * block_size + c) / 2, lut, w);
+          const int64_t k0 = b * block_size + c;
+          for (int64_t m = 0; m < m_rows; ++m) {
+            const float* xr = xp + m * k + k0;
+            for (int j = 0; j < 64; j += Vec::size()) {
+              acc[m] = at::vec::fmadd(Vec::loadu(xr + j), Vec::loadu(w + j), acc[m]);
+            }
+          }
+        }
+      }
+      for (int64_t m = 0; m < m_rows; ++m) {
+        yp[m * n_cols + n] =
+            at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[m]);
+      }
+    }
+  });
+}
+
+void nf4_matmul_small_backward_kernel(const at::Tensor& g, const at::Tensor& packed,
+                                      const at::Tensor& absmax, int64_t block_size,
+                                      at::Tensor& gx) {
+  using Vec = at::vec::Vectorized<float>;
+  const int64_t m_rows = g.size(0), n_cols = g.size(1), k = gx.size(1);
+  TORCH_CHECK(m_rows <= kSmallRows && k % block_size == 0 && block_size % 64 == 0);
+  const float* gp = g.const_data_ptr<float>();
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  const float* ap = absmax.const_data_ptr<float>();
+  const int64_t blocks_per_row = k / block_size;
+  // One partial gx per thread, summed at the end in thread order (deterministic).
+  const int threads = at::get_num_threads();
+  std::vector<float> partial(size_t(threads) * m_rows * k, 0.0f);
+  at::parallel_for(0, n_cols, 16, [&](int64_t n0, int64_t n1) {
+    float* acc = partial.data() + size_t(at::get_thread_num()) * m_rows * k;
+    alignas(64) float w[64];
+    float lut[16];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t b = 0; b < blocks_per_row; ++b) {
+        const int64_t blk = n * blocks_per_row + b;
+        const float am = ap[blk];
+        for (int j = 0; j < 16; ++j) lut[j] = kNf4Code[j] * am;
+        for (int64_t c = 0; c < block_size; c += 64) {
+          decode64(pp + (blk * block_size + c) / 2, lut, w);
+          const int64_t k0 = b * block_size + c;
+          for (int64_t m = 0; m < m_rows; ++m) {
+            const Vec gv(gp[m * n_cols + n]);
+            float* ar = acc + m * k + k0;
+            for (int j = 0; j < 64; j += Vec::size()) {
+              at::vec::fmadd(gv, Vec::loadu(w + j), Vec::loadu(ar + j)).store(ar + j);
+            }
+          }
+        }
+      }
+    }
+  });
+  float* out = gx.mutable_data_ptr<float>();
+  const int64_t total = m_rows * k;
+  at::parallel_for(0, total, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float s = 0.0f;
+      for (int t = 0; t < threads; ++t) s += partial[size_t(t) * total + i];
+      out[i] = s;
+    }
+  });
+}
 
 void nf4_quantize_kernel(const at::Tensor& x, int64_t block_size, at::Tensor& packed,
                          at::Tensor& absmax) {

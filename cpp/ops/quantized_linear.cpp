@@ -43,6 +43,11 @@ namespace {
 
 enum class Fmt { NF4, ROWS };
 
+// Up to this many rows of x (e.g. decoding a few tokens), NF4 on CPU uses the fused kernel that
+// reads the 4-bit weight once instead of dequantizing it to float32 first: at M=16, K=N=4096
+// that moves 8 MB instead of 64 MB + 8 MB. Must not exceed kSmallRows in quant_cpu_kernel.cpp.
+constexpr int64_t kFusedMaxRows = 16;
+
 // A dequantized weight tile of 2 MB fits in L2 on the machines we measured and amortises the
 // BLAS call; rows are rounded so each tile starts on an NF4 block boundary.
 constexpr int64_t kTileBytes = int64_t(2) << 20;
@@ -58,6 +63,12 @@ struct QWeight {
     int64_t rows = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, k * elem_size));
     rows = std::max(align, rows / align * align);
     return std::min(rows, (n + align - 1) / align * align);
+  }
+
+  // Whether the fused few-row NF4 kernel applies to a [M, *] operand on this device.
+  bool fused_small(const at::Tensor& rows2d) const {
+    return fmt == Fmt::NF4 && rows2d.is_cpu() && rows2d.size(0) <= kFusedMaxRows &&
+           k % block == 0 && block % 64 == 0 && rows2d.scalar_type() != at::kDouble;
   }
 
   // Dequantize output rows [r0, r0 + rows) into buf[:rows].
@@ -124,6 +135,16 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight,
   if (bias.has_value() && bias->defined()) check_like_shape_1d(*bias, out_features, x, op);
 
   const at::Tensor x2 = x.reshape({-1, in_features}).contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  if (w.fused_small(x2)) {
+    const at::Tensor xf = x2.to(at::kFloat).contiguous();
+    at::Tensor yf = at::empty({xf.size(0), out_features}, xf.options());
+    STACKWISE_CPU_DISPATCH(nf4_matmul_small_kernel, xf, w.q, w.scales, w.block, yf);
+    at::Tensor y = yf.to(x.scalar_type());
+    if (bias.has_value() && bias->defined()) y.add_(*bias);
+    return y.view(out_shape);
+  }
   at::Tensor y2 = at::empty({x2.size(0), out_features}, x2.options());
   const int64_t tr = w.tile_rows(x2.element_size());
   at::Tensor buf = at::empty({tr, in_features}, x2.options());
@@ -134,8 +155,6 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight,
     at::mm_out(y_tile, x2, buf.narrow(0, 0, rows).t());
   }
   if (bias.has_value() && bias->defined()) y2.add_(*bias);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
   return y2.view(out_shape);
 }
 
@@ -151,6 +170,14 @@ at::Tensor quantized_linear_backward(const at::Tensor& grad_out, const at::Tenso
   const QWeight w = make_qweight(grad_out, qweight, scales, std::string_view(fmt.data(), fmt.size()),
                                  out_features, in_features, block_size, op);
   const at::Tensor g2 = grad_out.reshape({-1, out_features}).contiguous();
+  std::vector<int64_t> shape(grad_out.sizes().begin(), grad_out.sizes().end());
+  shape.back() = in_features;
+  if (w.fused_small(g2)) {
+    const at::Tensor gf = g2.to(at::kFloat).contiguous();
+    at::Tensor gxf = at::empty({gf.size(0), in_features}, gf.options());
+    STACKWISE_CPU_DISPATCH(nf4_matmul_small_backward_kernel, gf, w.q, w.scales, w.block, gxf);
+    return gxf.to(grad_out.scalar_type()).view(shape);
+  }
   at::Tensor gx = at::zeros({g2.size(0), in_features}, g2.options());
   const int64_t tr = w.tile_rows(g2.element_size());
   at::Tensor buf = at::empty({tr, in_features}, g2.options());
@@ -159,8 +186,6 @@ at::Tensor quantized_linear_backward(const at::Tensor& grad_out, const at::Tenso
     w.dequantize_rows(r0, rows, buf);
     gx.addmm_(g2.narrow(1, r0, rows), buf.narrow(0, 0, rows));
   }
-  std::vector<int64_t> shape(grad_out.sizes().begin(), grad_out.sizes().end());
-  shape.back() = in_features;
   return gx.view(shape);
 }
 

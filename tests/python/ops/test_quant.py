@@ -260,3 +260,19 @@ def test_double_quant_roundtrip_and_agreement_with_bitsandbytes():
     assert float(offset) == float(state.offset)
     # We round to the nearest code; bitsandbytes' CPU search sometimes takes the second nearest.
     assert (codes != state.absmax).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_fused_few_rows_agrees_with_tiled(dtype):
+    # Up to 16 rows take the fused NF4 kernel, 17 and more the dequantize-then-BLAS tiles.
+    w = _x((192, 256), seed=11) * 0.05
+    p, a = ops.quantize_nf4(w, 64)
+    x = _x((17, 256), dtype, seed=12)
+    tiled = ops.quantized_linear(x, p, a, "nf4", 192, 256, 64)
+    fused = torch.cat([ops.quantized_linear(x[:16], p, a, "nf4", 192, 256, 64), tiled[16:]])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fused, tiled, **tol)
+    g = _x((17, 192), dtype, seed=13)
+    gx_tiled = torch.ops.stackwise.quantized_linear_backward(g, p, a, "nf4", 192, 256, 64)
+    gx_fused = torch.ops.stackwise.quantized_linear_backward(g[:16], p, a, "nf4", 192, 256, 64)
+    torch.testing.assert_close(gx_fused, gx_tiled[:16], **tol)
