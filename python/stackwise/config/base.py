@@ -1,0 +1,383 @@
+"""stackwise's configuration: dataclasses, YAML I/O, overrides and validation.
+
+    from stackwise.config.base import StackWiseConfig
+    config = StackWiseConfig.from_yaml("config.yaml", overrides=["training.lr=3e-4"])
+    config.validate()
+    model_config, training_config = config.model, config.training
+
+Sections mirror the YAML layout of the original StackWise project (``model.architecture``,
+``model.attention_preset`` / ``attention_custom``, ``model.tokenizer_embedding``,
+``training.progressive``, ``training.qlora``, ``training.optimizer``), so those files load as
+they are. Validation rules live in :mod:`stackwise.config.validation`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stackwise.config import _schema
+from stackwise.exceptions import ConfigurationError
+
+# ---- model ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArchitectureConfig:
+    """The rack's shape: ``n_stacks`` stacks of ``blocks_per_stack`` blocks."""
+
+    n_stacks: int = 2
+    blocks_per_stack: int = 6
+
+
+@dataclass
+class MLAConfig:
+    """DeepSeek-V2 multi-head latent attention ranks (attention_type "mla" / "mlgka").
+
+    ``q_rank`` 0 means full-rank queries; ``rope_head_dim`` is the decoupled RoPE part of each
+    query/key head; ``v_head_dim`` None means d_model / n_heads.
+    """
+
+    q_rank: int = 0
+    kv_rank: int = 256
+    rope_head_dim: int = 32
+    v_head_dim: int | None = None
+
+
+@dataclass
+class KernelAttentionConfig:
+    """Feature map of kernel (linear) attention: elu, relu, gaussian, softmax (FAVOR+),
+    laplacian; ``kernel_dim`` features per head, random projections seeded by ``seed``."""
+
+    kernel_type: str = "elu"
+    kernel_dim: int = 64
+    seed: int = 0
+
+
+@dataclass
+class TokenizerEmbeddingConfig:
+    """The lexical kernel: tokenizer family and where the embedding table comes from.
+
+    ``embedding_option`` "learned" trains a table from scratch; "embed_tokens" loads a
+    pretrained one from ``path`` (or STACKWISE_EMBEDDINGS_PATH). ``embedding_dim`` is the
+    pretrained table's width when it differs from d_model; then ``adapter`` must be true (a
+    trainable projection).
+    """
+
+    family: str = "gpt2"
+    embedding_option: str = "learned"
+    freeze_embeddings: bool = False
+    path: str | None = None
+    embedding_dim: int | None = None
+    adapter: bool = True
+    adapter_hidden_dim: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 12
+    d_ff: int = 3072
+    attention_type: str = "standard"
+    attention_mode: str = "causal"
+    use_rope: bool = False
+    tie_embeddings: bool = True
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    attention_preset: str | None = None
+    attention_custom: dict[str, Any] | None = None
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    kernel: KernelAttentionConfig = field(default_factory=KernelAttentionConfig)
+    rope_theta: float = 10000.0
+    max_seq_len: int = 1024
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    freeze_up_proj: bool = False
+    tokenizer_embedding: TokenizerEmbeddingConfig = field(default_factory=TokenizerEmbeddingConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grad_accumulation: int = 1
+
+
+@dataclass
+class ProgressiveConfig:
+    enabled: bool = True
+    building_mode: str = "append"
+    target_stacks: int = 2
+    trunk_strategy: str = "frozen"
+    new_stack_precision: str = "full"
+    cache_activations: bool = True
+    time_interpretation: str = "depth"
+    training_objective: str = "clm"
+    epochs_per_stack: int = 1
+    steps_per_stack: int | None = None
+
+
+@dataclass
+class QLoRAConfig:
+    """LoRA adapters on quantized trunk layers. With ``progressive_rank``, the adapter of the
+    stack k places from the newest gets rank max(min_rank, rank * rank_decay**k) (alpha scaled
+    the same way)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    lr: float = 1e-4
+    progressive_rank: bool = False
+    rank_decay: float = 0.5
+    min_rank: int = 4
+
+
+@dataclass
+class MaskingConfig:
+    min_fraction: float = 0.1
+    max_fraction: float = 0.9
+    schedule: str = "linear"
+    mask_token_prob: float = 0.8
+    random_token_prob: float = 0.1
+
+
+@dataclass
+class CachingConfig:
+    cache_mode: str = "stack"
+    max_cache_size: int = 1000
+    max_memory_mb: int = 2048
+    storage_precision: str = "fp16"
+    spill_dir: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    dir: str = "checkpoints"
+    every_steps: int = 0
+    keep_last: int = 2
+
+
+@dataclass
+class TrainingConfig:
+    mode: str = "layerwise"
+    block_size: int = 4
+    fusion_mode: str = "frozen"
+    total_blocks: int = 2
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    max_steps: int = 1000
+    qlora_enabled: bool = True
+    quantization_type: str = "fp16"
+    quantization_enabled: bool = False
+    time_step_masking: bool = True
+    seq_len: int = 256
+    device: str = "auto"
+    dtype: str = "fp32"
+    autocast: bool = False
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 200
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    qlora: QLoRAConfig = field(default_factory=QLoRAConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    caching: CachingConfig = field(default_factory=CachingConfig)
+    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_id: str | None = None
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "shakespeare"
+    tokenizer: str = "gpt2"
+    val_fraction: float = 0.1
+    seq_len: int | None = None
+    packing: bool = True
+    text_field: str = "text"
+
+
+# ---- presets and aliases ----------------------------------------------------------------------
+
+# What each attention preset of the original layout means, as explicit settings. A key the YAML
+# sets itself wins over the preset.
+ATTENTION_PRESETS: dict[str, dict[str, Any]] = {
+    "bert_style": {"attention_type": "standard", "attention_mode": "bidirectional"},
+    "gpt_style": {"attention_type": "standard", "attention_mode": "causal"},
+    "efficient_gqa": {"attention_type": "gqa", "attention_mode": "causal", "use_rope": True},
+    "mla_attention": {"attention_type": "mla", "attention_mode": "causal", "use_rope": True},
+    "kernel_attention": {"attention_type": "kernel", "attention_mode": "causal"},
+    "mlgka": {"attention_type": "mlgka", "attention_mode": "causal", "use_rope": True},
+    "custom": {},
+}
+_ATTENTION_KEYS = ("attention_type", "attention_mode", "use_rope", "n_kv_heads", "rope_theta")
+
+# Short spellings accepted in YAML and overrides.
+KEY_ALIASES = {
+    "training.lr": "training.learning_rate",
+    "training.steps": "training.max_steps",
+    "model.layers": "model.n_layers",
+}
+
+
+def _resolve_aliases(raw: dict[str, Any]) -> dict[str, Any]:
+    for alias, target in KEY_ALIASES.items():
+        a_sec, a_key = alias.split(".")
+        t_sec, t_key = target.split(".")
+        sec = raw.get(a_sec)
+        if isinstance(sec, dict) and a_key in sec:
+            if t_key in raw.get(t_sec, {}):
+                raise ConfigurationError(f"both {alias} and {target} are set; keep one", alias)
+            raw.setdefault(t_sec, {})[t_key] = sec.pop(a_key)
+    return raw
+
+
+def _apply_preset(model: dict[str, Any]) -> None:
+    preset = model.get("attention_preset")
+    if preset is None:
+        return
+    if preset not in ATTENTION_PRESETS:
+        raise ConfigurationError(
+            f"{preset!r} is not one of {sorted(ATTENTION_PRESETS)}", "model.attention_preset"
+        )
+    settings = dict(ATTENTION_PRESETS[preset])
+    if preset == "efficient_gqa" and "n_kv_heads" not in model:
+        n_heads = model.get("n_heads", ModelConfig.n_heads)
+        if isinstance(n_heads, int) and n_heads % 4 == 0:
+            settings["n_kv_heads"] = n_heads // 4
+    if preset == "custom":
+        custom = model.get("attention_custom")
+        if not isinstance(custom, dict):
+            raise ConfigurationError(
+                "attention_preset 'custom' needs an attention_custom mapping of "
+                f"{list(_ATTENTION_KEYS)}",
+                "model.attention_custom",
+            )
+        for key in custom:
+            if key not in _ATTENTION_KEYS:
+                raise ConfigurationError(
+                    f"unknown key; attention_custom takes {list(_ATTENTION_KEYS)}",
+                    f"model.attention_custom.{key}",
+                )
+        settings.update(custom)
+    for key, value in settings.items():
+        model.setdefault(key, value)
+
+
+@dataclass
+class StackWiseConfig:
+    """The whole configuration: ``model``, ``training``, ``data``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()
+    ) -> StackWiseConfig:
+        """Build from plain data (as YAML loads it), then apply ``key.sub=value`` overrides."""
+        raw = copy.deepcopy(data) if data else {}
+        if not isinstance(raw, dict):
+            raise ConfigurationError(
+                f"the configuration must be a mapping, got {type(raw).__name__}"
+            )
+        for item in overrides:
+            key, sep, text = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ConfigurationError(f"override {item!r} is not of the form key.sub=value")
+            key = KEY_ALIASES.get(key.strip(), key.strip())
+            _schema.set_dotted(raw, key, _schema.yaml_load(text) if text.strip() else None)
+        raw = _resolve_aliases(raw)
+        if isinstance(raw.get("model"), dict):
+            _apply_preset(raw["model"])
+        return _schema.from_dict(cls, raw)
+
+    @classmethod
+    def from_yaml(
+        cls, path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()
+    ) -> StackWiseConfig:
+        """Load a YAML file (``1e-4`` reads as a number) and apply ``overrides``."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigurationError(f"config file {p} does not exist")
+        try:
+            data = _schema.yaml_load(p.read_text())
+        except Exception as exc:  # yaml.YAMLError and decoding errors
+            raise ConfigurationError(f"{p} is not valid YAML: {exc}") from exc
+        return cls.from_dict(data or {}, overrides)
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that :meth:`from_dict` turns back into an equal config."""
+        return _schema.to_dict(self)
+
+    def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The YAML text; written atomically to ``path`` when given."""
+        text = _schema.yaml_dump(self.to_dict())
+        if path is not None:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(p.name + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        return text
+
+    def validate(self) -> StackWiseConfig:
+        """Check every value and cross-field rule; raise ConfigurationError naming the first
+        offending dotted key (all problems are listed in the message). Returns self."""
+        from stackwise.config.validation import validate_config
+
+        validate_config(self)
+        return self
+
+    @property
+    def effective_seq_len(self) -> int:
+        return self.data.seq_len or self.training.seq_len
+
+
+__all__ = [
+    "ArchitectureConfig",
+    "CachingConfig",
+    "CheckpointConfig",
+    "DataConfig",
+    "KernelAttentionConfig",
+    "MLAConfig",
+    "MaskingConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ProgressiveConfig",
+    "QLoRAConfig",
+    "StackWiseConfig",
+    "TokenizerEmbeddingConfig",
+    "TrainingConfig",
+]

@@ -1,0 +1,261 @@
+"""Validation of a :class:`~stackwise.config.base.StackWiseConfig`: allowed values, ranges and
+cross-field rules. Each problem names its dotted key, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from stackwise.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from stackwise.config.base import StackWiseConfig
+
+ATTENTION_TYPES = ("standard", "mha", "gqa", "mla", "kernel", "mlgka")
+ATTENTION_MODES = ("causal", "bidirectional")
+NORMS = ("rmsnorm", "layernorm")
+KERNEL_TYPES = ("elu", "relu", "gaussian", "softmax", "laplacian")
+FAMILIES = ("gpt2", "bert", "llama", "custom")
+EMBEDDING_OPTIONS = ("learned", "embed_tokens")
+MODES = ("layerwise", "blockwise", "stackwise", "fused", "end_to_end")
+FUSION_MODES = ("frozen", "trainable", "qlora")
+QUANT_TYPES = ("fp32", "full", "fp16", "half", "bf16", "int8", "nf4", "fp8", "fp8_e4m3", "fp8_e5m2")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+BUILD_MODES = ("append", "prepend")
+TRUNK = ("frozen", "qlora")
+STACK_PRECISIONS = ("full", "fp32", "half", "fp16", "bf16")
+TIME = ("depth", "input")
+OBJECTIVES = ("clm", "mlm", "diffusion")
+MASK_SCHEDULES = ("linear", "cosine", "exponential", "constant")
+CACHE_MODES = ("stack", "rack", "fusion", "layerwise")
+STORAGE = ("as_is", "fp32", "fp16", "bf16", "int8", "fp8")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[tuple[str, str]] = []
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append((key, message))
+
+    def choice(self, key: str, value: Any, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            self.fail(key, f"{value!r} is not one of {list(allowed)}")
+
+    def positive(self, key: str, value: float) -> None:
+        if not value > 0:
+            self.fail(key, f"{value!r} must be > 0")
+
+    def non_negative(self, key: str, value: float) -> None:
+        if not value >= 0:
+            self.fail(key, f"{value!r} must be >= 0")
+
+    def fraction(self, key: str, value: float, *, upper_open: bool = False) -> None:
+        ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
+        if not ok:
+            bound = "[0, 1)" if upper_open else "[0, 1]"
+            self.fail(key, f"{value!r} must be in {bound}")
+
+
+def _check_model(c: _Checker, m) -> None:
+    for key in (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "d_ff",
+        "max_seq_len",
+    ):
+        c.positive(f"model.{key}", getattr(m, key))
+    c.choice("model.attention_type", m.attention_type, ATTENTION_TYPES)
+    c.choice("model.attention_mode", m.attention_mode, ATTENTION_MODES)
+    c.choice("model.norm", m.norm, NORMS)
+    c.positive("model.norm_eps", m.norm_eps)
+    c.fraction("model.dropout", m.dropout, upper_open=True)
+    c.positive("model.rope_theta", m.rope_theta)
+    if m.n_heads > 0 and m.d_model > 0 and m.d_model % m.n_heads:
+        c.fail("model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.n_kv_heads > 0 and m.n_heads > 0:
+        if m.n_kv_heads > m.n_heads:
+            c.fail("model.n_kv_heads", f"{m.n_kv_heads} exceeds model.n_heads={m.n_heads}")
+        elif m.n_heads % m.n_kv_heads:
+            c.fail(
+                "model.n_heads",
+                f"{m.n_heads} is not divisible by model.n_kv_heads="
+                f"{m.n_kv_heads} (each KV head serves a whole group of query heads)",
+            )
+    if m.attention_type in ("standard", "mha") and m.n_kv_heads != m.n_heads:
+        c.fail(
+            "model.n_kv_heads",
+            f"{m.n_kv_heads} != n_heads={m.n_heads} with attention_type "
+            f"{m.attention_type!r}; use 'gqa' for grouped heads",
+        )
+    head_dim = m.d_model // m.n_heads if m.n_heads > 0 else 0
+    if m.use_rope and head_dim % 2:
+        c.fail("model.use_rope", f"RoPE needs an even head dim, got d_model/n_heads={head_dim}")
+    arch = m.architecture
+    c.positive("model.architecture.n_stacks", arch.n_stacks)
+    c.positive("model.architecture.blocks_per_stack", arch.blocks_per_stack)
+    if arch.n_stacks * arch.blocks_per_stack != m.n_layers:
+        c.fail(
+            "model.n_layers",
+            f"{m.n_layers} != architecture.n_stacks x blocks_per_stack = "
+            f"{arch.n_stacks} x {arch.blocks_per_stack}",
+        )
+    if m.attention_type in ("mla", "mlgka"):
+        mla = m.mla
+        c.positive("model.mla.kv_rank", mla.kv_rank)
+        c.non_negative("model.mla.q_rank", mla.q_rank)
+        if mla.rope_head_dim < 0 or mla.rope_head_dim % 2:
+            c.fail("model.mla.rope_head_dim", f"{mla.rope_head_dim} must be even and >= 0")
+        if mla.kv_rank > m.d_model > 0:
+            c.fail(
+                "model.mla.kv_rank",
+                f"{mla.kv_rank} exceeds d_model={m.d_model}: the latent must compress",
+            )
+        if mla.v_head_dim is not None:
+            c.positive("model.mla.v_head_dim", mla.v_head_dim)
+    if m.attention_type in ("kernel", "mlgka"):
+        c.choice("model.kernel.kernel_type", m.kernel.kernel_type, KERNEL_TYPES)
+        c.positive("model.kernel.kernel_dim", m.kernel.kernel_dim)
+    te = m.tokenizer_embedding
+    c.choice("model.tokenizer_embedding.family", te.family, FAMILIES)
+    c.choice("model.tokenizer_embedding.embedding_option", te.embedding_option, EMBEDDING_OPTIONS)
+    if te.embedding_dim is not None:
+        c.positive("model.tokenizer_embedding.embedding_dim", te.embedding_dim)
+        if te.embedding_dim != m.d_model and not te.adapter:
+            c.fail(
+                "model.tokenizer_embedding.adapter",
+                f"the pretrained embedding has dim "
+                f"{te.embedding_dim} but d_model={m.d_model}; set adapter: true or match them",
+            )
+    if te.freeze_embeddings and te.embedding_option == "learned":
+        c.fail(
+            "model.tokenizer_embedding.freeze_embeddings",
+            "a 'learned' table that is frozen "
+            "never trains; use embedding_option 'embed_tokens' or freeze_embeddings: false",
+        )
+
+
+def _check_training(c: _Checker, t, model) -> None:
+    c.choice("training.mode", t.mode, MODES)
+    c.choice("training.fusion_mode", t.fusion_mode, FUSION_MODES)
+    c.choice("training.quantization_type", t.quantization_type, QUANT_TYPES)
+    c.choice("training.device", t.device, DEVICES)
+    c.choice("training.dtype", t.dtype, DTYPES)
+    for key in ("block_size", "total_blocks", "batch_size", "seq_len", "log_every", "eval_every"):
+        c.positive(f"training.{key}", getattr(t, key))
+    c.positive("training.learning_rate", t.learning_rate)
+    c.non_negative("training.max_steps", t.max_steps)
+    if t.seq_len > model.max_seq_len:
+        c.fail("training.seq_len", f"{t.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    o = t.optimizer
+    c.choice("training.optimizer.name", o.name, OPTIMIZERS)
+    c.choice("training.optimizer.schedule", o.schedule, SCHEDULES)
+    for i, b in enumerate(o.betas):
+        c.fraction(f"training.optimizer.betas[{i}]", b, upper_open=True)
+    c.positive("training.optimizer.eps", o.eps)
+    c.non_negative("training.optimizer.weight_decay", o.weight_decay)
+    c.non_negative("training.optimizer.warmup_steps", o.warmup_steps)
+    c.non_negative("training.optimizer.grad_clip", o.grad_clip)
+    c.fraction("training.optimizer.min_lr_ratio", o.min_lr_ratio)
+    c.positive("training.optimizer.grad_accumulation", o.grad_accumulation)
+    if o.warmup_steps > t.max_steps > 0:
+        c.fail(
+            "training.optimizer.warmup_steps",
+            f"{o.warmup_steps} exceeds training.max_steps={t.max_steps}",
+        )
+    p = t.progressive
+    c.choice("training.progressive.building_mode", p.building_mode, BUILD_MODES)
+    c.choice("training.progressive.trunk_strategy", p.trunk_strategy, TRUNK)
+    c.choice("training.progressive.new_stack_precision", p.new_stack_precision, STACK_PRECISIONS)
+    c.choice("training.progressive.time_interpretation", p.time_interpretation, TIME)
+    c.choice("training.progressive.training_objective", p.training_objective, OBJECTIVES)
+    c.positive("training.progressive.target_stacks", p.target_stacks)
+    c.positive("training.progressive.epochs_per_stack", p.epochs_per_stack)
+    if p.steps_per_stack is not None:
+        c.positive("training.progressive.steps_per_stack", p.steps_per_stack)
+    if p.target_stacks > model.architecture.n_stacks > 0:
+        c.fail(
+            "training.progressive.target_stacks",
+            f"{p.target_stacks} exceeds model.architecture.n_stacks={model.architecture.n_stacks}",
+        )
+    if p.training_objective in ("mlm", "diffusion") and model.attention_mode == "causal":
+        c.fail(
+            "model.attention_mode",
+            f"'causal' cannot see the right context that the "
+            f"{p.training_objective!r} objective masks; use 'bidirectional'",
+        )
+    if p.training_objective == "clm" and model.attention_mode == "bidirectional":
+        c.fail(
+            "model.attention_mode",
+            "'bidirectional' lets the 'clm' objective see the next "
+            "token it must predict; use 'causal'",
+        )
+    if p.building_mode == "prepend" and p.training_objective == "clm" and t.time_step_masking:
+        c.fail(
+            "training.progressive.training_objective",
+            "prepend ('depth as time') trains on "
+            "masked input: use 'diffusion' or 'mlm', or set training.time_step_masking: false",
+        )
+    q = t.qlora
+    if t.qlora_enabled or p.trunk_strategy == "qlora":
+        c.positive("training.qlora.rank", q.rank)
+        c.positive("training.qlora.alpha", q.alpha)
+        c.positive("training.qlora.lr", q.lr)
+        c.fraction("training.qlora.dropout", q.dropout, upper_open=True)
+        if q.progressive_rank:
+            if not 0 < q.rank_decay <= 1:
+                c.fail("training.qlora.rank_decay", f"{q.rank_decay!r} must be in (0, 1]")
+            if not 0 < q.min_rank <= q.rank:
+                c.fail("training.qlora.min_rank", f"{q.min_rank} must be in [1, rank={q.rank}]")
+    mk = t.masking
+    c.fraction("training.masking.min_fraction", mk.min_fraction)
+    c.fraction("training.masking.max_fraction", mk.max_fraction)
+    if mk.min_fraction > mk.max_fraction:
+        c.fail(
+            "training.masking.min_fraction",
+            f"{mk.min_fraction} exceeds training.masking.max_fraction={mk.max_fraction}",
+        )
+    c.choice("training.masking.schedule", mk.schedule, MASK_SCHEDULES)
+    c.fraction("training.masking.mask_token_prob", mk.mask_token_prob)
+    c.fraction("training.masking.random_token_prob", mk.random_token_prob)
+    if mk.mask_token_prob + mk.random_token_prob > 1:
+        c.fail(
+            "training.masking.random_token_prob",
+            f"mask_token_prob + random_token_prob = "
+            f"{mk.mask_token_prob + mk.random_token_prob} exceeds 1",
+        )
+    ca = t.caching
+    c.choice("training.caching.cache_mode", ca.cache_mode, CACHE_MODES)
+    c.choice("training.caching.storage_precision", ca.storage_precision, STORAGE)
+    c.positive("training.caching.max_cache_size", ca.max_cache_size)
+    c.positive("training.caching.max_memory_mb", ca.max_memory_mb)
+    ck = t.checkpointing
+    c.non_negative("training.checkpointing.every_steps", ck.every_steps)
+    c.positive("training.checkpointing.keep_last", ck.keep_last)
+
+
+def _check_data(c: _Checker, d) -> None:
+    if not d.corpus:
+        c.fail("data.corpus", "must name a corpus ('shakespeare') or a local path")
+    if not 0.0 < d.val_fraction < 1.0:
+        c.fail("data.val_fraction", f"{d.val_fraction!r} must be in (0, 1)")
+    if d.seq_len is not None:
+        c.positive("data.seq_len", d.seq_len)
+
+
+def validate_config(config: StackWiseConfig) -> None:
+    """Raise ConfigurationError listing every problem, keyed by the first."""
+    c = _Checker()
+    _check_model(c, config.model)
+    _check_training(c, config.training, config.model)
+    _check_data(c, config.data)
+    if c.problems:
+        key, message = c.problems[0]
+        rest = "".join(f"\n  {k}: {m}" for k, m in c.problems[1:])
+        more = f" (and {len(c.problems) - 1} more:{rest})" if rest else ""
+        raise ConfigurationError(message + more, key)
