@@ -66,9 +66,11 @@ gpu-test:
 	else echo "C++ tests not built (GTest missing)"; fi
 	$(PYTHON) -m pytest tests/python -rs
 	$(PYTHON) bench/ops_swiglu.py --device cuda --json bench/results/gpu/ops_swiglu.json
+	$(PYTHON) bench/ops_quant.py --device cuda --json bench/results/gpu/ops_quant.json
 
 bench: build
 	$(VPY) bench/ops_swiglu.py --device cpu
+	$(VPY) bench/ops_quant.py
 
 lint: venv
 	$(VENV)/bin/ruff check python tests bench setup.py

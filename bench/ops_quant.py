@@ -131,13 +131,58 @@ def linear_rows(repeat: int) -> list[Row]:
     return rows
 
 
+def cuda_rows(repeat: int) -> list[Row]:
+    """NF4 dequantize bandwidth on the GPU against a device-to-device copy in the same run
+    (bytes read + written for both)."""
+    from harness import time_fn
+
+    w = torch.randn(8192, 8192, device="cuda")
+    packed, absmax = stackwise.ops.quantize_nf4(w, 64)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        out = stackwise.ops.dequantize_nf4(packed, absmax, w.shape, 64, dtype)
+        dst = torch.empty_like(out)
+        ours = time_fn(
+            lambda dtype=dtype: stackwise.ops.dequantize_nf4(packed, absmax, w.shape, 64, dtype),
+            "cuda",
+            repeat=repeat,
+        )
+        copy = time_fn(lambda out=out, dst=dst: dst.copy_(out), "cuda", repeat=repeat)
+        moved = packed.numel() + absmax.numel() * 4 + out.numel() * out.element_size()
+        bw = moved / (ours.median_ms * 1e-3) / 1e9
+        copy_bw = 2 * out.numel() * out.element_size() / (copy.median_ms * 1e-3) / 1e9
+        rows.append(
+            Row(
+                {
+                    "op": "dequantize_nf4",
+                    "shape": "8192x8192",
+                    "dtype": str(dtype).replace("torch.", ""),
+                },
+                ours,
+                copy,
+                "device-to-device copy of the output",
+                {"GB/s": bw, "copy GB/s": copy_bw, "of copy bw": bw / copy_bw},
+            )
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", default="bench/results/ops_quant.json")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is visible")
+        rows = cuda_rows(args.repeat)
+        print(format_table("NF4 dequantize on CUDA", rows, ["op", "shape", "dtype"]))
+        out = write_json(args.json, "ops_quant_cuda", environment("cuda"), rows)
+        print(f"wrote {out}")
+        return 0
     rows = nf4_rows(args.repeat)
     for r in rows:
         print(format_table(f"vs {r.baseline_name}", [r], ["op", "shape"]))
