@@ -7,6 +7,8 @@ autograd registration whose backward calls the family's backward op. Plain-PyTor
 
 from __future__ import annotations
 
+from stackwise.ops.rms_norm import rms_norm
+from stackwise.ops.rope import rope, rope_tables
 from stackwise.ops.swiglu import swiglu
 
-__all__ = ["swiglu"]
+__all__ = ["rms_norm", "rope", "rope_tables", "swiglu"]
