@@ -40,6 +40,30 @@ DEVICES = [
 ]
 
 
+def has_cuda_kernel(op: str) -> bool:
+    """Whether ``stackwise::<op>`` has a CUDA kernel in this build (import stackwise first)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"stackwise::{op}", "CUDA")
+
+
+def devices_for(op: str) -> list:
+    """Like DEVICES, but the CUDA cases also skip while ``op`` has no CUDA kernel, so a family
+    whose CPU kernel lands first still passes `make gpu-test`."""
+    import stackwise  # noqa: F401  (loads the registrations)
+
+    reason = f"stackwise::{op} has no CUDA kernel in this build yet"
+    return [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON),
+                pytest.mark.skipif(HAS_CUDA and not has_cuda_kernel(op), reason=reason),
+            ],
+        ),
+    ]
+
+
 def assert_close(
     actual: torch.Tensor, expected: torch.Tensor, kind: str, dtype: torch.dtype
 ) -> None:

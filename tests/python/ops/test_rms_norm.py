@@ -8,7 +8,9 @@ import torch
 
 import stackwise
 from stackwise.ops.reference import rms_norm_backward_reference, rms_norm_reference
-from utils import DEVICES, FLOAT_DTYPES, assert_close
+from utils import FLOAT_DTYPES, assert_close, devices_for, has_cuda_kernel
+
+DEVICES = devices_for("rms_norm")
 
 # D = 1 and 7 exercise the scalar tail alone, 33 and 4099 vector body + tail, 192 a whole number
 # of vectors; leading shapes () .. (3, 7) and (2, 0) (no rows).
@@ -209,6 +211,9 @@ def test_rejects_mismatched_devices_meta():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and not has_cuda_kernel("rms_norm"), reason="no CUDA kernel yet"
+)
 def test_rejects_mismatched_devices_cuda():
     with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
         stackwise.ops.rms_norm(torch.randn(2, 4, device="cuda"), torch.randn(4))

@@ -9,7 +9,9 @@ import torch
 
 import stackwise
 from stackwise.ops.reference import rope_backward_reference, rope_reference
-from utils import DEVICES, FLOAT_DTYPES, assert_close
+from utils import FLOAT_DTYPES, assert_close, devices_for, has_cuda_kernel
+
+DEVICES = devices_for("rope")
 
 # (B, Hq, Hk, S, D, rotary_dim): rotary_dim/2 of 1, 3 and 7 exercise the scalar tail alone, 16,
 # 33 and 64 the vector body (+ tail); GQA (Hq != Hk), MQA (Hk = 1), S = 1 and 123.
@@ -270,6 +272,9 @@ def test_rejects_mismatched_devices_meta():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and not has_cuda_kernel("rope"), reason="no CUDA kernel yet"
+)
 def test_rejects_mismatched_devices_cuda():
     q, k, cos, sin = _good()
     with pytest.raises(RuntimeError, match="cos is on cpu but q is on cuda"):
