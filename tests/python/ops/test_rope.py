@@ -24,6 +24,8 @@ CASES = [
     (2, 4, 4, 7, 192, 64),  # MLA-style partial rotation
     (1, 3, 1, 11, 192, 32),
     (1, 2, 3, 4, 33, 32),  # Hk > Hq is allowed too; odd D with pass-through tail
+    (1, 1, 1, 2, 24, 24),  # h = 12 and 24: the half-vector bf16/fp16 step with AVX2/AVX-512
+    (1, 2, 2, 3, 50, 48),
     (2, 2, 1, 0, 8, 8),  # empty sequence
 ]
 
