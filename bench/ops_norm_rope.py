@@ -158,13 +158,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_rms_norm(args.norm_shape, dname, args.repeat)
         if "rope" in args.ops:
             rows += bench_rope(args.rope_shape, dname, args.repeat)
-    print(
-        format_table(
-            "RMSNorm / RoPE on CPU (median of runs, interleaved with the baseline)",
-            rows,
-            ["op", "dtype", "pass", "shape"],
+    titles = {"rms_norm": "RMSNorm", "rope": "RoPE"}
+    for op in args.ops:
+        print(
+            format_table(
+                f"{titles[op]} on CPU (median of runs, interleaved with the baseline)",
+                [r for r in rows if r.case["op"] == op],
+                ["op", "dtype", "pass", "shape"],
+            )
         )
-    )
     out = write_json(args.json, "ops_norm_rope", environment("cpu"), rows)
     print(f"wrote {out}")
     return 0
