@@ -154,6 +154,13 @@ def test_opcheck(device):
     )
     _, rstd = op(x, w, 1e-6)
     torch.library.opcheck(torch.ops.stackwise.rms_norm_backward.default, (dy, x, w, rstd))
+    # bf16 activations with float32 weights: grad_weight comes back float32.
+    xb, dyb = x.bfloat16(), dy.bfloat16()
+    torch.library.opcheck(op, (xb.requires_grad_(True), w.clone().requires_grad_(True), 1e-6))
+    _, rstd_b = op(xb, w, 1e-6)
+    torch.library.opcheck(
+        torch.ops.stackwise.rms_norm_backward.default, (dyb, xb.detach(), w, rstd_b)
+    )
 
 
 @pytest.mark.slow
