@@ -22,4 +22,21 @@ TORCH_LIBRARY(stackwise, m) {
         "int in_features, int block_size, Tensor? bias) -> Tensor");
   m.def("quantized_linear_backward(Tensor grad_out, Tensor qweight, Tensor scales, str fmt, "
         "int out_features, int in_features, int block_size) -> Tensor");
+
+  // RMSNorm over the last dimension: out = x * rstd * weight, rstd = 1/sqrt(mean(x^2) + eps).
+  // The forward also returns rstd (float32, float64 for float64 x), which the backward reuses.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "rms_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd)"
+      " -> (Tensor, Tensor)");
+
+  // Rotary position embedding of q [B,Hq,S,D] and k [B,Hk,S,D] in one pass, rotate_half
+  // pairing, cos/sin tables [max_positions, rotary_dim/2] float32. The backward is the inverse
+  // rotation of the output gradients.
+  m.def(
+      "rope(Tensor q, Tensor k, Tensor cos, Tensor sin, int rotary_dim, int position_offset)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, int rotary_dim,"
+      " int position_offset) -> (Tensor, Tensor)");
 }

@@ -19,18 +19,23 @@ from stackwise.ops.quant import (
     quantized_linear,
     to_half,
 )
+from stackwise.ops.rms_norm import rms_norm
+from stackwise.ops.rope import rope, rope_tables
 from stackwise.ops.swiglu import swiglu
 
 __all__ = [
-    "double_dequantize_absmax",
-    "double_quantize_absmax",
     "dequantize_fp8",
     "dequantize_int8",
     "dequantize_nf4",
+    "double_dequantize_absmax",
+    "double_quantize_absmax",
     "quantize_fp8",
     "quantize_int8",
     "quantize_nf4",
     "quantized_linear",
+    "rms_norm",
+    "rope",
+    "rope_tables",
     "swiglu",
     "to_half",
 ]

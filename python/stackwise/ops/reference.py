@@ -110,3 +110,62 @@ def quantize_fp8_reference(x: Tensor, fmt: str = "e4m3", axis=-1) -> tuple[Tenso
     v = torch.where(scale[:, None] > 0, rows / safe[:, None], torch.zeros_like(rows))
     q = v.clamp(-fmax, fmax).to(dtype)
     return _unrows(q, x, ax), scale.reshape(shape)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x * rsqrt(mean(x**2, -1) + eps) * weight`` in the accumulation dtype."""
+    acc = _acc_dtype(x)
+    xf = x.to(acc)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)
+
+
+def rms_norm_backward_reference(
+    grad_out: Tensor, x: Tensor, weight: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """``(dL/dx, dL/dweight)`` of :func:`rms_norm_reference` in the accumulation dtype."""
+    acc = _acc_dtype(x)
+    xf = x.detach().to(acc).requires_grad_(True)
+    wf = weight.detach().to(acc).requires_grad_(True)
+    out = rms_norm_reference(xf, wf, eps)
+    grad_x, grad_w = torch.autograd.grad(out, (xf, wf), grad_out.to(acc))
+    return grad_x, grad_w
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, offset: int) -> Tensor:
+    acc = _acc_dtype(x)
+    seq = x.shape[2]
+    c = cos[offset : offset + seq].to(acc)
+    s = sin[offset : offset + seq].to(acc)
+    c, s = torch.cat([c, c], dim=-1), torch.cat([s, s], dim=-1)  # [S, rotary_dim]
+    xr = x[..., :rotary_dim].to(acc)
+    x1, x2 = xr.chunk(2, dim=-1)
+    rotated = xr * c + torch.cat([-x2, x1], dim=-1) * s
+    return torch.cat([rotated, x[..., rotary_dim:].to(acc)], dim=-1)
+
+
+def rope_reference(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: int | None = None,
+    position_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """rotate_half RoPE of ``q`` and ``k`` (``[B, H, S, D]``) in the accumulation dtype."""
+    r = q.shape[-1] if rotary_dim is None else rotary_dim
+    return (
+        _rotate(q, cos, sin, r, position_offset),
+        _rotate(k, cos, sin, r, position_offset),
+    )
+
+
+def rope_backward_reference(
+    grad_q: Tensor,
+    grad_k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: int | None = None,
+    position_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`rope_reference`: the inverse rotation (``sin`` negated)."""
+    return rope_reference(grad_q, grad_k, cos, -sin, rotary_dim, position_offset)
