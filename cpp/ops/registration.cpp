@@ -7,4 +7,12 @@ TORCH_LIBRARY(stackwise, m) {
   // SwiGLU: out = silu(gate) * up, elementwise over equal shapes.
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  // Linear (kernel) attention over feature maps: out = phi_q (sum phi_k^T v) / (phi_q . sum phi_k
+  // + eps), over all positions or, when causal, the prefix t <= s. den is returned for the backward.
+  m.def(
+      "linear_attention(Tensor phi_q, Tensor phi_k, Tensor v, bool causal=False, float eps=1e-06)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "linear_attention_backward(Tensor grad_out, Tensor phi_q, Tensor phi_k, Tensor v, "
+      "Tensor out, Tensor den, bool causal) -> (Tensor, Tensor, Tensor)");
 }

@@ -7,6 +7,7 @@ autograd registration whose backward calls the family's backward op. Plain-PyTor
 
 from __future__ import annotations
 
+from stackwise.ops.linear_attention import linear_attention
 from stackwise.ops.swiglu import swiglu
 
-__all__ = ["swiglu"]
+__all__ = ["linear_attention", "swiglu"]

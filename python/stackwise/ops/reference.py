@@ -28,3 +28,20 @@ def swiglu_backward_reference(grad_out: Tensor, gate: Tensor, up: Tensor) -> tup
     g, u, dy = gate.to(acc), up.to(acc), grad_out.to(acc)
     s = torch.sigmoid(g)
     return dy * u * s * (1 + g * (1 - s)), dy * g * s
+
+
+def linear_attention_reference(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool = False, eps: float = 1e-6
+) -> Tensor:
+    """Linear attention in the explicit S x S form (Katharopoulos et al. 2020, eq. 4).
+
+    ``scores = phi_q @ phi_k^T`` (lower-triangular when ``causal``),
+    ``out = scores @ v / (scores.sum(-1) + eps)``. Quadratic in S on purpose: it shares no
+    arithmetic with the kernel's chunked prefix sums, so it cross-checks them.
+    """
+    acc = _acc_dtype(phi_q)
+    q, k, vv = phi_q.to(acc), phi_k.to(acc), v.to(acc)
+    scores = q @ k.transpose(-1, -2)
+    if causal:
+        scores = torch.tril(scores)
+    return (scores @ vv) / (scores.sum(-1, keepdim=True) + eps)
