@@ -19,6 +19,10 @@ kernel approximation.
   shift phi'(x) = [phi(x), 1] / sqrt(2): phi'(x) . phi'(y) = (1 + k^(x, y)) / 2 in [0, 1] since
   |phi(x)| = 1. The attention weights are then (1 + k) / 2, a kernel of the same order.
 
+The exponential (positive) features underflow to 0 for inputs far from the origin relative to the
+kernel's scale (|x|^2 / sigma^2 above ~100 in float32): such a row attends to nothing and the
+linear-attention output there is 0 / eps = 0; scale queries and keys (or sigma) accordingly.
+
 Random projections are buffers drawn from ``torch.Generator().manual_seed(seed)`` in float64:
 the same seed gives the same projection on every run, whatever the global RNG state. Maps compute
 in float32 (float64 for float64 inputs) and return the input's dtype; input ``[..., head_dim]``,
@@ -70,13 +74,14 @@ class FeatureMap(nn.Module):
 
 
 class EluFeatureMap(FeatureMap):
-    """``elu(x) + 1``, strictly positive; ``out_dim == head_dim``."""
+    """``elu(x) + 1``, positive (exp(x) underflows only below x ~ -87); ``out_dim == head_dim``."""
 
     def __init__(self, head_dim: int) -> None:
         super().__init__(head_dim, head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.elu(x) + 1.0
+        # exp(x) for x <= 0 instead of (exp(x) - 1) + 1, which rounds to 0 in bf16/fp16.
+        return torch.where(x > 0, x + 1.0, torch.exp(torch.clamp(x, max=0.0)))
 
 
 class ReluFeatureMap(FeatureMap):
