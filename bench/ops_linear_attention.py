@@ -8,8 +8,11 @@ attention O(S^2), so the table ends with the crossover: the shortest S from whic
 is faster at every longer S measured.
 
     python bench/ops_linear_attention.py [--device cpu|cuda|all] [--batch 1 4]
-        [--seq 128 256 512 1024 2048 4096] [--dtypes fp32 bf16] [--repeat 5]
+        [--seq 128 256 512 1024 2048 4096] [--dtypes fp32 bf16] [--repeat 5] [--threads N]
         [--json bench/results/ops_linear_attention.json]
+
+On a small shared CPU, ``--threads 1`` gives steadier figures: with every core busy elsewhere, an
+OpenMP region waits milliseconds for its threads to be scheduled, which swamps short sequences.
 """
 
 from __future__ import annotations
@@ -122,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--causal", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--json", default="bench/results/ops_linear_attention.json")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():

@@ -1,7 +1,7 @@
 // Argument checks of linear attention, shared by the CPU and (later) CUDA dispatchers. Each
 // names the op and the argument (DESIGN.md §6).
 //   phi_q[B,H,S,M], phi_k[B,H,S,M], v[B,H,S,Dv]; eps finite and >= 0
-//   backward: grad_out and out [B,H,S,Dv] of v's dtype, den[B,H,S] in the accumulation dtype
+//   backward: grad_out [B,H,S,Dv] like v
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,10 +12,6 @@
 #include "stackwise/checks.h"
 
 namespace stackwise {
-
-inline at::ScalarType linear_attention_acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 inline void check_rank4(const at::Tensor& t, const char* op, const char* arg, const char* dims) {
   TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", arg, " must be a 4-D tensor ", dims, ", got shape ",
@@ -40,21 +36,6 @@ inline void check_linear_attention_inputs(const at::Tensor& phi_q, const at::Ten
 inline void check_linear_attention_eps(double eps, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op,
                     ": eps must be a finite number >= 0, got ", eps);
-}
-
-inline void check_linear_attention_saved(const at::Tensor& grad_out, const at::Tensor& v,
-                                         const at::Tensor& out, const at::Tensor& den,
-                                         const char* op) {
-  check_like(v, "v", grad_out, "grad_out", op);
-  check_like(v, "v", out, "out", op);
-  TORCH_CHECK(den.defined(), op, ": den is an undefined tensor");
-  TORCH_CHECK(den.device() == v.device(), op, ": den is on ", den.device(), " but v is on ",
-              v.device(), "; both must be on the same device");
-  const at::ScalarType acc = linear_attention_acc_dtype(v.scalar_type());
-  TORCH_CHECK_TYPE(den.scalar_type() == acc, op, ": den must have dtype ", acc, ", got ",
-                   den.scalar_type());
-  TORCH_CHECK_VALUE(den.sizes() == v.sizes().slice(0, 3), op, ": den has shape ", den.sizes(),
-                    " but must be v's [B, H, S] ", v.sizes().slice(0, 3));
 }
 
 }  // namespace stackwise

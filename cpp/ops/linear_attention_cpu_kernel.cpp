@@ -9,8 +9,11 @@
 //   normaliser together and the state is KV' = sum k^T v' [M, Dv+1] (its last column is sum k).
 //   non-causal: KV' over all chunks, then out'_c = q_c KV'.
 //   causal:     out'_c = q_c KV'_<c + tril(q_c k_c^T) v'_c, then KV' += k_c^T v'_c.
-// The backward is the same scheme on G' = [g/den, -(g.out)/den]: dq runs forward over the chunks
-// with KV' (prefix), dk and dv run backward with QG = sum q^T G' [M, Dv+1] (suffix):
+// The backward recomputes num and den with the forward's schedule (so bf16/fp16 gradients see the
+// float32 output, not the rounded one, and nothing but the inputs is saved), forms
+// G' = [g/den, -(g.num)/den^2] for the whole slice ([S, Dv+1] acc buffer per task) and runs the
+// same scheme on it: dq forward over the chunks with KV' (prefix), dk and dv backward with
+// QG = sum q^T G' [M, Dv+1] (suffix):
 //   dq_c = G'_c KV'_<c^T + tril(G'_c v'_c^T) k_c
 //   dk_c = v'_c QG_>c^T  + tril(G'_c v'_c^T)^T q_c
 //   dv_c = k_c QG_>c[:, :Dv] + tril(q_c k_c^T)^T G'_c[:, :Dv]
@@ -138,14 +141,22 @@ acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
 template <typename scalar_t, typename acc_t>
 struct Slice {
   int64_t S, M, Dv, Dv1;
-  std::vector<acc_t> qbuf, kbuf, vb, gb, ob, tile_a, tile_d, kv, qg, dqb, dkb, dvb, row;
+  std::vector<acc_t> qbuf, kbuf, vb, ob, tile_a, tile_d, kv, qg, dqb, dkb, dvb, gall;
 
-  Slice(int64_t S_, int64_t M_, int64_t Dv_)
+  // with_grads: also the backward's tiles and the slice's G' ([S, Dv+1]).
+  Slice(int64_t S_, int64_t M_, int64_t Dv_, bool with_grads)
       : S(S_), M(M_), Dv(Dv_), Dv1(Dv_ + 1),
         qbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk * M), kbuf(qbuf.size()),
-        vb(kChunk * Dv1), gb(kChunk * Dv1), ob(kChunk * Dv1), tile_a(kChunk * kChunk),
-        tile_d(kChunk * kChunk), kv(M * Dv1), qg(M * Dv1), dqb(kChunk * M), dkb(kChunk * M),
-        dvb(kChunk * Dv), row(Dv) {}
+        vb(kChunk * Dv1), ob(kChunk * Dv1), tile_a(kChunk * kChunk), kv(M * Dv1) {
+    if (with_grads) {
+      tile_d.resize(kChunk * kChunk);
+      qg.resize(M * Dv1);
+      dqb.resize(kChunk * M);
+      dkb.resize(kChunk * M);
+      dvb.resize(kChunk * Dv);
+      gall.resize(S * Dv1);
+    }
+  }
 
   // Features of rows [c0, c0+cn) as an acc_t tile of leading dimension M.
   const acc_t* features(const scalar_t* x, int64_t c0, int64_t cn, std::vector<acc_t>& buf) {
@@ -165,48 +176,63 @@ struct Slice {
     }
   }
 
-  // G' = [g/den, -(g.out)/den] of rows [c0, c0+cn) into gb (leading dimension Dv+1).
-  void load_grads(const scalar_t* g, const scalar_t* out, const acc_t* den, int64_t c0,
-                  int64_t cn) {
+  // G' = [g/den, -(g.num)/den^2] of rows [c0, c0+cn) into gall, from the unnormalised
+  // out' = [num, q.z] rows in ob.
+  void make_grads(const scalar_t* g, acc_t eps, int64_t c0, int64_t cn) {
     for (int64_t i = 0; i < cn; ++i) {
-      acc_t* gi = gb.data() + i * Dv1;
+      acc_t* gi = gall.data() + (c0 + i) * Dv1;
+      const acc_t* oi = ob.data() + i * Dv1;
       load_acc(g + (c0 + i) * Dv, gi, Dv);
-      load_acc(out + (c0 + i) * Dv, row.data(), Dv);
-      const acc_t d = den[c0 + i];
-      const acc_t g_dot_out = dot(gi, row.data(), Dv);
+      const acc_t d = math::linear_attention_den(oi[Dv], eps);
+      const acc_t g_dot_num = dot(gi, oi, Dv);
       const acc_t inv = acc_t(1) / d;
       for (int64_t j = 0; j < Dv; ++j) gi[j] *= inv;
-      gi[Dv] = math::linear_attention_grad_den(g_dot_out, d);
+      gi[Dv] = math::linear_attention_grad_den(g_dot_num, d);
+    }
+  }
+
+  // ob = out' of rows [c0, c0+cn) = q_c KV' (+ tril(q_c k_c^T) v'_c when causal); for causal,
+  // KV' is the prefix state and advances past the chunk. Leaves v'_c in vb.
+  void numerator_chunk(const acc_t* qc, const acc_t* kc, const scalar_t* v, bool causal,
+                       int64_t c0, int64_t cn) {
+    gemm_rm<acc_t>(false, false, cn, Dv1, M, qc, M, kv.data(), Dv1, 0, ob.data(), Dv1);
+    if (causal) {
+      load_values(v, c0, cn);
+      gemm_rm<acc_t>(false, true, cn, cn, M, qc, M, kc, M, 0, tile_a.data(), kChunk);
+      mask_upper(tile_a.data(), cn, kChunk);
+      gemm_rm<acc_t>(false, false, cn, Dv1, cn, tile_a.data(), kChunk, vb.data(), Dv1, 1,
+                     ob.data(), Dv1);
+    }
+  }
+
+  // KV' = sum over all chunks of k^T v' (the non-causal state).
+  void total_state(const scalar_t* k, const scalar_t* v) {
+    std::fill(kv.begin(), kv.end(), acc_t(0));
+    for (int64_t c0 = 0; c0 < S; c0 += kChunk) {
+      const int64_t cn = std::min(kChunk, S - c0);
+      const acc_t* kc = features(k, c0, cn, kbuf);
+      load_values(v, c0, cn);
+      gemm_rm<acc_t>(true, false, M, Dv1, cn, kc, M, vb.data(), Dv1, 1, kv.data(), Dv1);
     }
   }
 
   void forward(const scalar_t* q, const scalar_t* k, const scalar_t* v, bool causal, acc_t eps,
-               scalar_t* out, acc_t* den) {
-    std::fill(kv.begin(), kv.end(), acc_t(0));
-    if (!causal) {
-      for (int64_t c0 = 0; c0 < S; c0 += kChunk) {
-        const int64_t cn = std::min(kChunk, S - c0);
-        const acc_t* kc = features(k, c0, cn, kbuf);
-        load_values(v, c0, cn);
-        gemm_rm<acc_t>(true, false, M, Dv1, cn, kc, M, vb.data(), Dv1, 1, kv.data(), Dv1);
-      }
+               scalar_t* out) {
+    if (causal) {
+      std::fill(kv.begin(), kv.end(), acc_t(0));
+    } else {
+      total_state(k, v);
     }
     for (int64_t c0 = 0; c0 < S; c0 += kChunk) {
       const int64_t cn = std::min(kChunk, S - c0);
       const acc_t* qc = features(q, c0, cn, qbuf);
-      gemm_rm<acc_t>(false, false, cn, Dv1, M, qc, M, kv.data(), Dv1, 0, ob.data(), Dv1);
+      const acc_t* kc = causal ? features(k, c0, cn, kbuf) : nullptr;
+      numerator_chunk(qc, kc, v, causal, c0, cn);
       if (causal) {
-        const acc_t* kc = features(k, c0, cn, kbuf);
-        load_values(v, c0, cn);
-        gemm_rm<acc_t>(false, true, cn, cn, M, qc, M, kc, M, 0, tile_a.data(), kChunk);
-        mask_upper(tile_a.data(), cn, kChunk);
-        gemm_rm<acc_t>(false, false, cn, Dv1, cn, tile_a.data(), kChunk, vb.data(), Dv1, 1,
-                       ob.data(), Dv1);
         gemm_rm<acc_t>(true, false, M, Dv1, cn, kc, M, vb.data(), Dv1, 1, kv.data(), Dv1);
       }
       for (int64_t i = 0; i < cn; ++i) {
         const acc_t d = math::linear_attention_den(ob[i * Dv1 + Dv], eps);
-        den[c0 + i] = d;
         store_scaled(ob.data() + i * Dv1, acc_t(1) / d, out + (c0 + i) * Dv, Dv);
       }
     }
@@ -218,44 +244,43 @@ struct Slice {
   }
 
   void backward(const scalar_t* g, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                const scalar_t* out, const acc_t* den, bool causal, scalar_t* dq, scalar_t* dk,
-                scalar_t* dv) {
-    std::fill(kv.begin(), kv.end(), acc_t(0));
+                bool causal, acc_t eps, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
     std::fill(qg.begin(), qg.end(), acc_t(0));
     if (!causal) {
-      // Totals KV' = k^T v' and QG = q^T G' first, then every chunk's gradients from them.
+      // KV' total; then per chunk out' -> G', QG += q^T G', dq = G' KV'^T; then dk, dv from QG.
+      total_state(k, v);
       for (int64_t c0 = 0; c0 < S; c0 += kChunk) {
         const int64_t cn = std::min(kChunk, S - c0);
         const acc_t* qc = features(q, c0, cn, qbuf);
-        const acc_t* kc = features(k, c0, cn, kbuf);
-        load_values(v, c0, cn);
-        load_grads(g, out, den, c0, cn);
-        gemm_rm<acc_t>(true, false, M, Dv1, cn, kc, M, vb.data(), Dv1, 1, kv.data(), Dv1);
-        gemm_rm<acc_t>(true, false, M, Dv1, cn, qc, M, gb.data(), Dv1, 1, qg.data(), Dv1);
+        numerator_chunk(qc, nullptr, v, false, c0, cn);
+        make_grads(g, eps, c0, cn);
+        const acc_t* gc = gall.data() + c0 * Dv1;
+        gemm_rm<acc_t>(true, false, M, Dv1, cn, qc, M, gc, Dv1, 1, qg.data(), Dv1);
+        gemm_rm<acc_t>(false, true, cn, M, Dv1, gc, Dv1, kv.data(), Dv1, 0, dqb.data(), M);
+        store_tile(dqb, dq, c0, cn, M);
       }
       for (int64_t c0 = 0; c0 < S; c0 += kChunk) {
         const int64_t cn = std::min(kChunk, S - c0);
         const acc_t* kc = features(k, c0, cn, kbuf);
         load_values(v, c0, cn);
-        load_grads(g, out, den, c0, cn);
-        gemm_rm<acc_t>(false, true, cn, M, Dv1, gb.data(), Dv1, kv.data(), Dv1, 0, dqb.data(), M);
         gemm_rm<acc_t>(false, true, cn, M, Dv1, vb.data(), Dv1, qg.data(), Dv1, 0, dkb.data(), M);
         gemm_rm<acc_t>(false, false, cn, Dv, M, kc, M, qg.data(), Dv1, 0, dvb.data(), Dv);
-        store_tile(dqb, dq, c0, cn, M);
         store_tile(dkb, dk, c0, cn, M);
         store_tile(dvb, dv, c0, cn, Dv);
       }
       return;
     }
-    // Causal, forward direction: dq from the prefix state KV'.
+    // Causal, forward direction: out' and G' with the prefix state KV', then dq.
+    std::fill(kv.begin(), kv.end(), acc_t(0));
     for (int64_t c0 = 0; c0 < S; c0 += kChunk) {
       const int64_t cn = std::min(kChunk, S - c0);
+      const acc_t* qc = features(q, c0, cn, qbuf);
       const acc_t* kc = features(k, c0, cn, kbuf);
-      load_values(v, c0, cn);
-      load_grads(g, out, den, c0, cn);
-      gemm_rm<acc_t>(false, true, cn, M, Dv1, gb.data(), Dv1, kv.data(), Dv1, 0, dqb.data(), M);
-      gemm_rm<acc_t>(false, true, cn, cn, Dv1, gb.data(), Dv1, vb.data(), Dv1, 0, tile_a.data(),
-                     kChunk);
+      numerator_chunk(qc, kc, v, true, c0, cn);
+      make_grads(g, eps, c0, cn);
+      const acc_t* gc = gall.data() + c0 * Dv1;
+      gemm_rm<acc_t>(false, true, cn, M, Dv1, gc, Dv1, kv.data(), Dv1, 0, dqb.data(), M);
+      gemm_rm<acc_t>(false, true, cn, cn, Dv1, gc, Dv1, vb.data(), Dv1, 0, tile_a.data(), kChunk);
       mask_upper(tile_a.data(), cn, kChunk);
       gemm_rm<acc_t>(false, false, cn, M, cn, tile_a.data(), kChunk, kc, M, 1, dqb.data(), M);
       store_tile(dqb, dq, c0, cn, M);
@@ -267,22 +292,20 @@ struct Slice {
       const int64_t cn = std::min(kChunk, S - c0);
       const acc_t* qc = features(q, c0, cn, qbuf);
       const acc_t* kc = features(k, c0, cn, kbuf);
+      const acc_t* gc = gall.data() + c0 * Dv1;
       load_values(v, c0, cn);
-      load_grads(g, out, den, c0, cn);
       // A = tril(G' v'^T): A[s,t] = G'[s].v'[t]; D = tril(q k^T): D[s,t] = q[s].k[t].
-      gemm_rm<acc_t>(false, true, cn, cn, Dv1, gb.data(), Dv1, vb.data(), Dv1, 0, tile_a.data(),
-                     kChunk);
+      gemm_rm<acc_t>(false, true, cn, cn, Dv1, gc, Dv1, vb.data(), Dv1, 0, tile_a.data(), kChunk);
       mask_upper(tile_a.data(), cn, kChunk);
       gemm_rm<acc_t>(false, true, cn, cn, M, qc, M, kc, M, 0, tile_d.data(), kChunk);
       mask_upper(tile_d.data(), cn, kChunk);
       gemm_rm<acc_t>(false, true, cn, M, Dv1, vb.data(), Dv1, qg.data(), Dv1, 0, dkb.data(), M);
       gemm_rm<acc_t>(true, false, cn, M, cn, tile_a.data(), kChunk, qc, M, 1, dkb.data(), M);
       gemm_rm<acc_t>(false, false, cn, Dv, M, kc, M, qg.data(), Dv1, 0, dvb.data(), Dv);
-      gemm_rm<acc_t>(true, false, cn, Dv, cn, tile_d.data(), kChunk, gb.data(), Dv1, 1,
-                     dvb.data(), Dv);
+      gemm_rm<acc_t>(true, false, cn, Dv, cn, tile_d.data(), kChunk, gc, Dv1, 1, dvb.data(), Dv);
       store_tile(dkb, dk, c0, cn, M);
       store_tile(dvb, dv, c0, cn, Dv);
-      gemm_rm<acc_t>(true, false, M, Dv1, cn, qc, M, gb.data(), Dv1, 1, qg.data(), Dv1);
+      gemm_rm<acc_t>(true, false, M, Dv1, cn, qc, M, gc, Dv1, 1, qg.data(), Dv1);
     }
   }
 };
@@ -290,8 +313,8 @@ struct Slice {
 }  // namespace
 
 void linear_attention_forward_kernel(const at::Tensor& phi_q, const at::Tensor& phi_k,
-                                     const at::Tensor& v, bool causal, double eps, at::Tensor& out,
-                                     at::Tensor& den) {
+                                     const at::Tensor& v, bool causal, double eps,
+                                     at::Tensor& out) {
   const int64_t BH = phi_q.size(0) * phi_q.size(1);
   const int64_t S = phi_q.size(2), M = phi_q.size(3), Dv = v.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -301,21 +324,19 @@ void linear_attention_forward_kernel(const at::Tensor& phi_q, const at::Tensor& 
         const scalar_t* k = phi_k.const_data_ptr<scalar_t>();
         const scalar_t* vv = v.const_data_ptr<scalar_t>();
         scalar_t* o = out.mutable_data_ptr<scalar_t>();
-        acc_t* d = den.mutable_data_ptr<acc_t>();
         at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-          Slice<scalar_t, acc_t> slice(S, M, Dv);
+          Slice<scalar_t, acc_t> slice(S, M, Dv, /*with_grads=*/false);
           for (int64_t bh = begin; bh < end; ++bh) {
             slice.forward(q + bh * S * M, k + bh * S * M, vv + bh * S * Dv, causal,
-                          static_cast<acc_t>(eps), o + bh * S * Dv, d + bh * S);
+                          static_cast<acc_t>(eps), o + bh * S * Dv);
           }
         });
       });
 }
 
 void linear_attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& phi_q,
-                                      const at::Tensor& phi_k, const at::Tensor& v,
-                                      const at::Tensor& out, const at::Tensor& den, bool causal,
-                                      at::Tensor& grad_q, at::Tensor& grad_k,
+                                      const at::Tensor& phi_k, const at::Tensor& v, bool causal,
+                                      double eps, at::Tensor& grad_q, at::Tensor& grad_k,
                                       at::Tensor& grad_v) {
   const int64_t BH = phi_q.size(0) * phi_q.size(1);
   const int64_t S = phi_q.size(2), M = phi_q.size(3), Dv = v.size(3);
@@ -326,17 +347,15 @@ void linear_attention_backward_kernel(const at::Tensor& grad_out, const at::Tens
         const scalar_t* q = phi_q.const_data_ptr<scalar_t>();
         const scalar_t* k = phi_k.const_data_ptr<scalar_t>();
         const scalar_t* vv = v.const_data_ptr<scalar_t>();
-        const scalar_t* o = out.const_data_ptr<scalar_t>();
-        const acc_t* d = den.const_data_ptr<acc_t>();
         scalar_t* dq = grad_q.mutable_data_ptr<scalar_t>();
         scalar_t* dk = grad_k.mutable_data_ptr<scalar_t>();
         scalar_t* dv = grad_v.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-          Slice<scalar_t, acc_t> slice(S, M, Dv);
+          Slice<scalar_t, acc_t> slice(S, M, Dv, /*with_grads=*/true);
           for (int64_t bh = begin; bh < end; ++bh) {
             slice.backward(g + bh * S * Dv, q + bh * S * M, k + bh * S * M, vv + bh * S * Dv,
-                           o + bh * S * Dv, d + bh * S, causal, dq + bh * S * M,
-                           dk + bh * S * M, dv + bh * S * Dv);
+                           causal, static_cast<acc_t>(eps), dq + bh * S * M, dk + bh * S * M,
+                           dv + bh * S * Dv);
           }
         });
       });

@@ -8,11 +8,12 @@ TORCH_LIBRARY(stackwise, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   // Linear (kernel) attention over feature maps: out = phi_q (sum phi_k^T v) / (phi_q . sum phi_k
-  // + eps), over all positions or, when causal, the prefix t <= s. den is returned for the backward.
+  // + eps), over all positions or, when causal, the prefix t <= s. The backward recomputes the
+  // normalisers from the inputs.
   m.def(
       "linear_attention(Tensor phi_q, Tensor phi_k, Tensor v, bool causal=False, float eps=1e-06)"
-      " -> (Tensor, Tensor)");
+      " -> Tensor");
   m.def(
       "linear_attention_backward(Tensor grad_out, Tensor phi_q, Tensor phi_k, Tensor v, "
-      "Tensor out, Tensor den, bool causal) -> (Tensor, Tensor, Tensor)");
+      "bool causal, float eps) -> (Tensor, Tensor, Tensor)");
 }

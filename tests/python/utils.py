@@ -17,17 +17,13 @@ TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float]] = {
     ("elementwise", torch.float32): (1e-5, 1e-6),
     ("elementwise", torch.float16): (1e-3, 1e-5),
     ("elementwise", torch.bfloat16): (8e-3, 1e-5),
-    # Linear attention: sums over S and M in a different order than the S x S oracle (fp32/fp64),
-    # one rounding of the float32 result (bf16/fp16). Gradients of bf16/fp16 also see the
-    # rounded saved output in dL/dden, whose terms cancel against dL/dnum.
+    # Linear attention, forward and gradients: sums over S and M in another order than the S x S
+    # oracle (fp32/fp64); one rounding of a float32 result (bf16/fp16), measured <= 3.8e-3 (bf16)
+    # and <= 4.8e-4 (fp16) relative with a 1e-3 floor.
     ("linear_attention", torch.float64): (1e-10, 1e-12),
     ("linear_attention", torch.float32): (1e-4, 1e-5),
-    ("linear_attention", torch.float16): (2e-3, 1e-4),
-    ("linear_attention", torch.bfloat16): (1.6e-2, 1e-3),
-    ("linear_attention_grad", torch.float64): (1e-10, 1e-12),
-    ("linear_attention_grad", torch.float32): (1e-4, 1e-5),
-    ("linear_attention_grad", torch.float16): (5e-3, 1e-3),
-    ("linear_attention_grad", torch.bfloat16): (4e-2, 8e-3),
+    ("linear_attention", torch.float16): (1e-3, 1e-5),
+    ("linear_attention", torch.bfloat16): (8e-3, 1e-5),
 }
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -10,7 +10,7 @@
 // the caller picks such maps knowingly. eps = 0 with den = 0 gives inf/nan, as division does.
 //
 // Backward, with g = dL/dout[s]:
-//   dL/dnum[s] = g[s] / den[s]                  dL/dden[s] = -(g[s] . out[s]) / den[s]
+//   dL/dnum[s] = g[s] / den[s]    dL/dden[s] = -(g[s] . out[s]) / den[s] = -(g[s] . num[s]) / den[s]^2
 // Writing v'[t] = [v[t], 1] and G'[s] = [dL/dnum[s], dL/dden[s]] (width Dv+1), num and den are
 // one product q[s] sum k[t]^T v'[t], and the gradients are linear attention without normaliser:
 //   dq[s] = sum_{t in T(s)} (G'[s].v'[t]) k[t]
@@ -29,10 +29,10 @@ STACKWISE_HOST_DEVICE acc_t linear_attention_den(acc_t qz, acc_t eps) {
   return qz + eps;
 }
 
-// The extra column of G': dL/dden[s] from g[s].out[s] and den[s].
+// The extra column of G': dL/dden[s] from g[s].num[s] (the unnormalised output) and den[s].
 template <typename acc_t>
-STACKWISE_HOST_DEVICE acc_t linear_attention_grad_den(acc_t g_dot_out, acc_t den) {
-  return -g_dot_out / den;
+STACKWISE_HOST_DEVICE acc_t linear_attention_grad_den(acc_t g_dot_num, acc_t den) {
+  return -(g_dot_num / den) / den;  // not den * den: that underflows first for tiny den
 }
 
 }  // namespace stackwise::math

@@ -8,11 +8,11 @@ With feature maps ``q = phi(Q)`` and ``k = phi(K)`` of shape ``[B, H, S, M]`` an
 with ``t`` over all positions, or ``t <= s`` when ``causal``. Cost is O(S * M * Dv) time and
 O(M * Dv) state per head: no S x S matrix is formed (the causal form uses chunked prefix sums).
 
-Native ops: ``torch.ops.stackwise.linear_attention(phi_q, phi_k, v, causal, eps) -> (out, den)``,
-where ``den[B, H, S]`` (float32, float64 for float64 inputs) is the normaliser saved for the
-backward, and ``torch.ops.stackwise.linear_attention_backward(grad_out, phi_q, phi_k, v, out, den,
-causal) -> (grad_q, grad_k, grad_v)``. The math of both is in
-``cpp/include/stackwise/linear_attention_math.h``.
+Native ops: ``torch.ops.stackwise.linear_attention(phi_q, phi_k, v, causal, eps) -> out`` and
+``torch.ops.stackwise.linear_attention_backward(grad_out, phi_q, phi_k, v, causal, eps) ->
+(grad_q, grad_k, grad_v)``, which recomputes numerators and normalisers in float32 from the inputs
+(only the inputs are saved; bf16/fp16 gradients do not see the rounded output). The math of both
+is in ``cpp/include/stackwise/linear_attention_math.h``.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ def linear_attention(
         RuntimeError (ValueError/TypeError subclasses) naming the argument for a wrong rank,
         mismatched ``B, H, S, M``, dtypes or devices, a non-floating dtype or a bad ``eps``.
     """
-    out, _ = torch.ops.stackwise.linear_attention.default(phi_q, phi_k, v, causal, eps)
-    return out
+    return torch.ops.stackwise.linear_attention.default(phi_q, phi_k, v, causal, eps)
 
 
 def _check_inputs(op: str, phi_q: Tensor, phi_k: Tensor, v: Tensor) -> None:
@@ -96,67 +95,63 @@ def _check_inputs(op: str, phi_q: Tensor, phi_k: Tensor, v: Tensor) -> None:
     )
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _check_eps(op: str, eps: float) -> None:
+    torch._check_value(
+        math.isfinite(eps) and eps >= 0.0,
+        lambda: f"{op}: eps must be a finite number >= 0, got {eps}",
+    )
 
 
 @torch.library.register_fake("stackwise::linear_attention")
 def _linear_attention_fake(
     phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool = False, eps: float = 1e-6
-) -> tuple[Tensor, Tensor]:
+) -> Tensor:
     _check_inputs("linear_attention", phi_q, phi_k, v)
-    torch._check_value(
-        math.isfinite(eps) and eps >= 0.0,
-        lambda: f"linear_attention: eps must be a finite number >= 0, got {eps}",
-    )
-    out = v.new_empty(v.shape)
-    den = v.new_empty(v.shape[:3], dtype=_acc_dtype(v.dtype))
-    return out, den
+    _check_eps("linear_attention", eps)
+    return v.new_empty(v.shape)
 
 
 @torch.library.register_fake("stackwise::linear_attention_backward")
 def _linear_attention_backward_fake(
-    grad_out: Tensor,
-    phi_q: Tensor,
-    phi_k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    den: Tensor,
-    causal: bool,
+    grad_out: Tensor, phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_inputs("linear_attention_backward", phi_q, phi_k, v)
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        torch._check_value(
-            t.shape == v.shape,
-            lambda name=name, t=t: (
-                f"linear_attention_backward: {name} has shape {list(t.shape)} but v has shape "
-                f"{list(v.shape)}; they must match"
-            ),
-        )
-    torch._check_value(
-        den.shape == v.shape[:3],
+    op = "linear_attention_backward"
+    _check_inputs(op, phi_q, phi_k, v)
+    torch._check(
+        grad_out.device == v.device,
         lambda: (
-            f"linear_attention_backward: den has shape {list(den.shape)} but must be v's "
-            f"[B, H, S] {list(v.shape[:3])}"
+            f"{op}: grad_out is on {grad_out.device} but v is on {v.device}; "
+            "both must be on the same device"
         ),
     )
+    torch._check_type(
+        grad_out.dtype == v.dtype,
+        lambda: (
+            f"{op}: grad_out has dtype {grad_out.dtype} but v has dtype {v.dtype}; they must match"
+        ),
+    )
+    torch._check_value(
+        grad_out.shape == v.shape,
+        lambda: (
+            f"{op}: grad_out has shape {list(grad_out.shape)} but v has shape "
+            f"{list(v.shape)}; they must match"
+        ),
+    )
+    _check_eps(op, eps)
     return phi_q.new_empty(phi_q.shape), phi_k.new_empty(phi_k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-    phi_q, phi_k, v, causal, _eps = inputs
-    out, den = output
-    ctx.mark_non_differentiable(den)
-    ctx.save_for_backward(phi_q, phi_k, v, out, den)
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    phi_q, phi_k, v, causal, eps = inputs
+    ctx.save_for_backward(phi_q, phi_k, v)
     ctx.causal = causal
+    ctx.eps = eps
 
 
-def _backward(ctx, grad_out: Tensor | None, _grad_den: Tensor | None) -> tuple:
-    phi_q, phi_k, v, out, den = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
+def _backward(ctx, grad_out: Tensor) -> tuple:
+    phi_q, phi_k, v = ctx.saved_tensors
     grad_q, grad_k, grad_v = torch.ops.stackwise.linear_attention_backward.default(
-        grad_out, phi_q, phi_k, v, out, den, ctx.causal
+        grad_out, phi_q, phi_k, v, ctx.causal, ctx.eps
     )
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
     return (
