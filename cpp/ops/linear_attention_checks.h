@@ -8,6 +8,8 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 
 #include "stackwise/checks.h"
 
@@ -31,6 +33,12 @@ inline void check_linear_attention_inputs(const at::Tensor& phi_q, const at::Ten
   check_rank4(v, op, "v", "[B, H, S, Dv]");
   TORCH_CHECK_VALUE(v.sizes().slice(0, 3) == phi_q.sizes().slice(0, 3), op, ": v has shape ",
                     v.sizes(), "; its [B, H, S] must match phi_q's shape ", phi_q.sizes());
+  // The tile GEMMs take 32-bit sizes (BLAS LP64).
+  constexpr int64_t kMaxWidth = std::numeric_limits<int32_t>::max() - 1;
+  TORCH_CHECK_VALUE(phi_q.size(3) <= kMaxWidth, op, ": phi_q has ", phi_q.size(3),
+                    " features; at most ", kMaxWidth, " are supported");
+  TORCH_CHECK_VALUE(v.size(3) <= kMaxWidth, op, ": v has ", v.size(3),
+                    " channels; at most ", kMaxWidth, " are supported");
 }
 
 inline void check_linear_attention_eps(double eps, const char* op) {

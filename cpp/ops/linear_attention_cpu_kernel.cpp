@@ -41,9 +41,11 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Rows per chunk. 64 keeps the masked C x C tile (16 KB fp32) and the chunk tiles in L1/L2
-// next to the [M, Dv+1] state for M = Dv = 64, while each GEMM is still large enough for BLAS;
-// the masked half of the C x C tile is wasted work, so larger chunks do not pay (bench TBD).
+// Rows per chunk. 64 keeps the masked C x C tile (16 KB fp32) and the chunk tiles in L1/L2 next to
+// the [M, Dv+1] state for M = Dv = 64 while each GEMM is still large enough for BLAS. Measured
+// (S = 4096, B = 1, H = 8, M = Dv = 64, fp32, one thread, shared 2-core Xeon, medians of 9,
+// two runs each) for C = 32 / 64 / 128: causal forward 15-17 / 9-10 / 25-26 ms, causal fwd+bwd
+// 68-71 / 44-49 / 98-109 ms, non-causal fwd+bwd 48-57 / 24-25 / 48-54 ms.
 constexpr int64_t kChunk = 64;
 
 // Row-major C[m,n] = op(A)[m,k] op(B)[k,n] + beta C, through column-major BLAS (C^T = B^T A^T).

@@ -240,7 +240,7 @@ def test_rejects_integer_tensors(dtype):
     q, k, v = _good()
     with pytest.raises(TypeError, match="phi_q must be float32, float64, float16 or bfloat16"):
         stackwise.ops.linear_attention(q.to(dtype), k.to(dtype), v.to(dtype))
-    with pytest.raises(TypeError, match=f"v has dtype {str(dtype).split('.')[-1]}|v has dtype"):
+    with pytest.raises(TypeError, match="v has dtype .* but phi_q has dtype Float"):
         stackwise.ops.linear_attention(q, k, v.to(dtype))
 
 
