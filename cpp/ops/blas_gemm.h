@@ -4,11 +4,14 @@
 // from libtorch_cpu (hidden visibility; linking fails), and at::mm costs a dispatcher round trip
 // (~5 us) per tile. x86 wheels of torch link MKL statically and export the Fortran symbols
 // sgemm_/dgemm_ (LP64, 32-bit ints: the interface ATen itself calls), so they are declared weak
-// here: where a libtorch lacks them the pointer is null and callers fall back to at::mm.
+// here: where a libtorch lacks them the pointer is null and callers fall back to at::mm. Setting
+// STACKWISE_DIRECT_BLAS=0 in the environment forces that fallback (the tests cover it so).
 // Called from inside at::parallel_for, MKL runs single-threaded (nested OpenMP region).
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -21,12 +24,20 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace stackwise::blas {
 
+inline bool direct_blas_allowed() {
+  static const bool allowed = [] {
+    const char* env = std::getenv("STACKWISE_DIRECT_BLAS");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
+  return allowed;
+}
+
 template <typename T>
 inline bool has_gemm() {
   if constexpr (sizeof(T) == sizeof(double)) {
-    return &dgemm_ != nullptr;
+    return &dgemm_ != nullptr && direct_blas_allowed();
   } else {
-    return &sgemm_ != nullptr;
+    return &sgemm_ != nullptr && direct_blas_allowed();
   }
 }
 

@@ -67,9 +67,9 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const 
   // No BLAS symbol in this libtorch (non-MKL builds): the same product through ATen on views.
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   auto view = [&](const acc_t* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
-    at::Tensor t = at::from_blob(const_cast<acc_t*>(p), trans ? at::IntArrayRef{cols, rows}
-                                                              : at::IntArrayRef{rows, cols},
-                                 {ld, 1}, opts);
+    const std::vector<int64_t> sizes = trans ? std::vector<int64_t>{cols, rows}
+                                             : std::vector<int64_t>{rows, cols};
+    at::Tensor t = at::from_blob(const_cast<acc_t*>(p), sizes, {ld, 1}, opts);
     return trans ? t.t() : t;
   };
   at::Tensor ct = at::from_blob(c, {m, n}, {ldc, 1}, opts);

@@ -283,3 +283,38 @@ def test_backward_op_rejects_bad_grad_out():
         bwd(v.double(), q, k, v, False, 1e-6)
     with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
         bwd(v, q, k, v, True, -1.0)
+
+
+def test_aten_gemm_fallback_matches_reference():
+    # STACKWISE_DIRECT_BLAS=0 takes the path builds without exported BLAS symbols use (at::mm on
+    # tile views); it is read once per process, hence the subprocess.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch, stackwise\n"
+        "from stackwise.ops.reference import linear_attention_reference as ref\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dt in (torch.float64, torch.float32):\n"
+        "    q, k = (torch.rand(2, 2, 150, 5, generator=g, dtype=dt) for _ in range(2))\n"
+        "    v = torch.randn(2, 2, 150, 3, generator=g, dtype=dt)\n"
+        "    for causal in (False, True):\n"
+        "        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]\n"
+        "        out = stackwise.ops.linear_attention(*leaves, causal=causal)\n"
+        "        torch.testing.assert_close(out, ref(q, k, v, causal=causal))\n"
+        "        out.sum().backward()\n"
+        "        rl = [t.clone().requires_grad_(True) for t in (q, k, v)]\n"
+        "        ref(*rl, causal=causal).sum().backward()\n"
+        "        for a, b in zip(leaves, rl):\n"
+        "            torch.testing.assert_close(a.grad, b.grad)\n"
+        "with torch.autograd.profiler.profile() as prof:\n"
+        "    stackwise.ops.linear_attention(q, k, v, causal=True)\n"
+        "assert any(e.name == 'aten::mm' for e in prof.function_events), 'fallback not taken'\n"
+    )
+    python_dir = Path(stackwise.__file__).resolve().parent.parent
+    env = {**os.environ, "STACKWISE_DIRECT_BLAS": "0"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(python_dir), env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
