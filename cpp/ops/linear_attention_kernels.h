@@ -13,4 +13,5 @@ STACKWISE_DECLARE_CPU_KERNEL(void, linear_attention_forward_kernel, const at::Te
                              at::Tensor& out)
 STACKWISE_DECLARE_CPU_KERNEL(void, linear_attention_backward_kernel, const at::Tensor& grad_out,
                              const at::Tensor& phi_q, const at::Tensor& phi_k, const at::Tensor& v,
-                             bool causal, double eps, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v)
+                             bool causal, double eps, at::Tensor& grad_q, at::Tensor& grad_k,
+                             at::Tensor& grad_v)

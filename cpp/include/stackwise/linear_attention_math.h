@@ -10,7 +10,8 @@
 // the caller picks such maps knowingly. eps = 0 with den = 0 gives inf/nan, as division does.
 //
 // Backward, with g = dL/dout[s]:
-//   dL/dnum[s] = g[s] / den[s]    dL/dden[s] = -(g[s] . out[s]) / den[s] = -(g[s] . num[s]) / den[s]^2
+//   dL/dnum[s] = g[s] / den[s]
+//   dL/dden[s] = -(g[s] . out[s]) / den[s] = -(g[s] . num[s]) / den[s]^2
 // Writing v'[t] = [v[t], 1] and G'[s] = [dL/dnum[s], dL/dden[s]] (width Dv+1), num and den are
 // one product q[s] sum k[t]^T v'[t], and the gradients are linear attention without normaliser:
 //   dq[s] = sum_{t in T(s)} (G'[s].v'[t]) k[t]
