@@ -136,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             p.error("--device cuda: no CUDA device is visible")
         devices.remove("cuda")
+    if "cuda" in devices and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "stackwise::linear_attention", "CUDA"
+    ):
+        print("skipping cuda: this build has no CUDA kernel for stackwise::linear_attention")
+        devices.remove("cuda")
+    if not devices:
+        return 0
     rows: list[Row] = []
     for device in devices:
         for dname in args.dtypes:
