@@ -39,4 +39,14 @@ TORCH_LIBRARY(stackwise, m) {
   m.def(
       "rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, int rotary_dim,"
       " int position_offset) -> (Tensor, Tensor)");
+
+  // Linear (kernel) attention over feature maps: out = phi_q (sum phi_k^T v) / (phi_q . sum phi_k
+  // + eps), over all positions or, when causal, the prefix t <= s. The backward recomputes the
+  // normalisers from the inputs.
+  m.def(
+      "linear_attention(Tensor phi_q, Tensor phi_k, Tensor v, bool causal=False, float eps=1e-06)"
+      " -> Tensor");
+  m.def(
+      "linear_attention_backward(Tensor grad_out, Tensor phi_q, Tensor phi_k, Tensor v, "
+      "bool causal, float eps) -> (Tensor, Tensor, Tensor)");
 }

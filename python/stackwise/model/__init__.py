@@ -1,9 +1,32 @@
-"""Model building blocks."""
+"""Model building blocks: layers (MLGKA attention, SwiGLU FFN, lexical kernel), quantized linear
+layers, feature maps of kernel attention."""
 
 from __future__ import annotations
 
+from stackwise.model.feature_maps import (
+    FEATURE_MAP_TYPES,
+    EluFeatureMap,
+    FeatureMap,
+    GaussianRandomFeatures,
+    LaplacianRandomFeatures,
+    ReluFeatureMap,
+    SoftmaxRandomFeatures,
+    make_feature_map,
+)
 from stackwise.model.ffn import SwiGLUFFN
 from stackwise.model.lexical import LexicalKernelManager
 from stackwise.model.quantized import QuantizedLinear
 
-__all__ = ["LexicalKernelManager", "QuantizedLinear", "SwiGLUFFN"]
+__all__ = [
+    "FEATURE_MAP_TYPES",
+    "EluFeatureMap",
+    "FeatureMap",
+    "GaussianRandomFeatures",
+    "LaplacianRandomFeatures",
+    "LexicalKernelManager",
+    "QuantizedLinear",
+    "ReluFeatureMap",
+    "SoftmaxRandomFeatures",
+    "SwiGLUFFN",
+    "make_feature_map",
+]

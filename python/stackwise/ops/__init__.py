@@ -7,6 +7,7 @@ autograd registration whose backward calls the family's backward op. Plain-PyTor
 
 from __future__ import annotations
 
+from stackwise.ops.linear_attention import linear_attention
 from stackwise.ops.quant import (
     dequantize_fp8,
     dequantize_int8,
@@ -29,6 +30,7 @@ __all__ = [
     "dequantize_nf4",
     "double_dequantize_absmax",
     "double_quantize_absmax",
+    "linear_attention",
     "quantize_fp8",
     "quantize_int8",
     "quantize_nf4",

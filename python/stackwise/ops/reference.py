@@ -169,3 +169,20 @@ def rope_backward_reference(
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`rope_reference`: the inverse rotation (``sin`` negated)."""
     return rope_reference(grad_q, grad_k, cos, -sin, rotary_dim, position_offset)
+
+
+def linear_attention_reference(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool = False, eps: float = 1e-6
+) -> Tensor:
+    """Linear attention in the explicit S x S form (Katharopoulos et al. 2020, eq. 4).
+
+    ``scores = phi_q @ phi_k^T`` (lower-triangular when ``causal``),
+    ``out = scores @ v / (scores.sum(-1) + eps)``. Quadratic in S on purpose: it shares no
+    arithmetic with the kernel's chunked prefix sums, so it cross-checks them.
+    """
+    acc = _acc_dtype(phi_q)
+    q, k, vv = phi_q.to(acc), phi_k.to(acc), v.to(acc)
+    scores = q @ k.transpose(-1, -2)
+    if causal:
+        scores = torch.tril(scores)
+    return (scores @ vv) / (scores.sum(-1, keepdim=True) + eps)
