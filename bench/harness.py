@@ -211,10 +211,6 @@ def write_json(
             for r in rows
         ],
     }
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    return out
+    from stackwise._io import atomic_write_text
+
+    return atomic_write_text(out, json.dumps(payload, indent=2))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stackwise._io import atomic_write_text
 from stackwise.config import _schema
 from stackwise.exceptions import ConfigurationError
 
@@ -342,14 +343,7 @@ class StackWiseConfig:
         """The YAML text; written atomically to ``path`` when given."""
         text = _schema.yaml_dump(self.to_dict())
         if path is not None:
-            p = Path(path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(p.name + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
+            atomic_write_text(path, text)
         return text
 
     def validate(self) -> StackWiseConfig:

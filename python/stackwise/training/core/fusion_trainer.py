@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from stackwise._io import atomic_write_bytes
 from stackwise.exceptions import QuantizationError
 from stackwise.model.quantized import QuantizedLinear
 
@@ -150,15 +151,6 @@ def _adapters(model: nn.Module) -> list[tuple[str, QLoRAAdapter]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRAAdapter)]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_peft_adapters(
     model: nn.Module, directory: str | os.PathLike[str], base_model_name_or_path: str | None = None
 ) -> Path:
@@ -198,8 +190,8 @@ def save_peft_adapters(
     }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors", st_save(tensors))
-    _atomic_write(out / "adapter_config.json", json.dumps(config, indent=2).encode())
+    atomic_write_bytes(out / "adapter_model.safetensors", st_save(tensors))
+    atomic_write_bytes(out / "adapter_config.json", json.dumps(config, indent=2).encode())
     return out
 
 
