@@ -7,6 +7,7 @@ autograd registration whose backward calls the family's backward op. Plain-PyTor
 
 from __future__ import annotations
 
+from stackwise.ops.attention import attention
 from stackwise.ops.swiglu import swiglu
 
-__all__ = ["swiglu"]
+__all__ = ["attention", "swiglu"]
