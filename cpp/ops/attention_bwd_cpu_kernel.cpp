@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "attention_kernels.h"
@@ -26,8 +28,16 @@ namespace {
 
 using namespace attention_tile;
 
-constexpr int64_t kQueryBlock = 64;
-constexpr int64_t kKeyBlock = 256;
+// TUNING (temporary): block sizes from STACKWISE_ATTN_BLOCKS="qf,kf,qb,kb".
+inline int64_t tuned(int idx, int64_t dflt) {
+  static const char* env = std::getenv("STACKWISE_ATTN_BLOCKS");
+  if (env == nullptr) return dflt;
+  int64_t v[4] = {0, 0, 0, 0};
+  std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]);
+  return v[idx] > 0 ? v[idx] : dflt;
+}
+static const int64_t kQueryBlock = tuned(2, 64);
+static const int64_t kKeyBlock = tuned(3, 256);
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,

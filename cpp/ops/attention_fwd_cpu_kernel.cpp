@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "attention_kernels.h"
@@ -24,19 +26,33 @@ namespace {
 
 using namespace attention_tile;
 
-// Block sizes, measured on a 2-core Xeon (AVX-512, AMX) with torch 2.14's MKL (bench/ops_attention.py):
-// see the comment in attention_bwd_cpu_kernel.cpp for the backward's.
-constexpr int64_t kQueryBlock = 64;
-constexpr int64_t kKeyBlock = 512;
+// TUNING (temporary): block sizes from STACKWISE_ATTN_BLOCKS="rows,kf,qb,kb".
+inline int64_t tuned(int idx, int64_t dflt) {
+  static const char* env = std::getenv("STACKWISE_ATTN_BLOCKS");
+  if (env == nullptr) return dflt;
+  int64_t v[4] = {0, 0, 0, 0};
+  std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]);
+  return v[idx] > 0 ? v[idx] : dflt;
+}
+// One score tile holds the same query block of every query head of a GQA group, stacked, so one
+// K/V block (which the BLAS packs on every call) serves G heads: kTileRows rows in all.
+static const int64_t kTileRows = tuned(0, 256);
+static const int64_t kKeyBlock = tuned(1, 512);
+
+inline int64_t query_block(int64_t group) {
+  return std::clamp<int64_t>(kTileRows / group, 32, 128);
+}
 
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& key_bias, bool causal, double scale, at::Tensor& out,
                   at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
   const int64_t B = q.size(0), Hq = q.size(1), S = q.size(2), Dqk = q.size(3);
-  const int64_t Hkv = k.size(1), Dv = v.size(3), group = Hq / Hkv;
-  const int64_t q_blocks = (S + kQueryBlock - 1) / kQueryBlock;
+  const int64_t Hkv = k.size(1), Dv = v.size(3), G = Hq / Hkv;
+  const int64_t qB = query_block(G), max_rows = G * qB;
+  const int64_t q_blocks = (S + qB - 1) / qB;
   const auto Q = head_view<scalar_t>(q);
   const auto K = head_view<scalar_t>(k);
   const auto V = head_view<scalar_t>(v);
@@ -45,45 +61,60 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const acc_t* bias = key_bias.defined() ? key_bias.const_data_ptr<acc_t>() : nullptr;
   const acc_t sc = static_cast<acc_t>(scale);
 
-  at::parallel_for(0, B * Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    // Scratch once per task: scores/probabilities, their reduced copy, accumulator, m and l.
-    std::vector<acc_t> s_tile(kQueryBlock * kKeyBlock);
-    std::vector<scalar_t> p_narrow(std::is_same_v<scalar_t, acc_t> ? 0 : kQueryBlock * kKeyBlock);
-    std::vector<acc_t> acc(kQueryBlock * Dv), m(kQueryBlock), l(kQueryBlock);
+  at::parallel_for(0, B * Hkv * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    // Scratch once per task: stacked queries, scores/probabilities (and their reduced copy),
+    // the output accumulator, and the running max and sum of each row.
+    std::vector<scalar_t> q_stack(G > 1 ? max_rows * Dqk : 0);
+    std::vector<acc_t> s_tile(max_rows * kKeyBlock), acc(max_rows * Dv);
+    std::vector<scalar_t> p_narrow(kReduced ? max_rows * kKeyBlock : 0);
+    std::vector<acc_t> m(max_rows), l(max_rows);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t ib = task % q_blocks, h = (task / q_blocks) % Hq, b = task / (q_blocks * Hq);
-      const int64_t hk = h / group, i0 = ib * kQueryBlock, mq = std::min(kQueryBlock, S - i0);
-      const scalar_t* q_i = Q.row(b, h, i0);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(m.begin(), m.end(), math::neg_inf<acc_t>());
-      std::fill(l.begin(), l.end(), acc_t(0));
+      const int64_t ib = task % q_blocks, hk = (task / q_blocks) % Hkv;
+      const int64_t b = task / (q_blocks * Hkv);
+      const int64_t i0 = ib * qB, mq = std::min(qB, S - i0), rows = G * mq;
+      const scalar_t* q_i = Q.row(b, hk * G, i0);
+      int64_t ldq = Q.ss;
+      if (G > 1) {  // row g * mq + r of the tile is query i0 + r of head hk * G + g
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t r = 0; r < mq; ++r) {
+            std::copy_n(Q.row(b, hk * G + g, i0 + r), Dqk, q_stack.data() + (g * mq + r) * Dqk);
+          }
+        }
+        q_i = q_stack.data();
+        ldq = Dqk;
+      }
+      std::fill_n(acc.begin(), rows * Dv, acc_t(0));
+      std::fill_n(m.begin(), rows, math::neg_inf<acc_t>());
+      std::fill_n(l.begin(), rows, acc_t(0));
       const int64_t j_end = causal ? std::min(S, i0 + mq) : S;
       for (int64_t j0 = 0; j0 < j_end; j0 += kKeyBlock) {
         const int64_t nk = std::min(kKeyBlock, j_end - j0);
         acc_t* s = s_tile.data();
-        // S[mq, nk] = scale * Q_i K_j^T (row-major, ld nk).
-        gemm(true, false, nk, mq, Dqk, sc, K.row(b, hk, j0), K.ss, q_i, Q.ss, acc_t(0), s, nk);
-        for (int64_t r = 0; r < mq; ++r) {
+        // S[rows, nk] = scale * Q K_j^T (row-major, ld nk).
+        gemm(true, false, nk, rows, Dqk, sc, K.row(b, hk, j0), K.ss, q_i, ldq, acc_t(0), s, nk);
+        for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = s + r * nk;
-          if (bias != nullptr) add_bias(row, bias + b * S + j0, nk);
-          if (causal) mask_tail(row, math::visible_keys(i0 + r, j0, nk, true), nk);
-          const acc_t m_new = std::max(m[r], row_max(row, nk));
+          // Only the visible prefix is scored; the causally hidden tail gets p = 0.
+          const int64_t vis = math::visible_keys(i0 + r % mq, j0, nk, causal);
+          if (bias != nullptr) add_bias(row, bias + b * S + j0, vis);
+          const acc_t m_new = std::max(m[r], row_max(row, vis));
           const acc_t alpha = math::rescale_factor(m[r], m_new);
-          const acc_t sum = exp_shift_sum(row, math::safe_max(m_new), nk);
+          const acc_t sum = exp_shift_sum(row, math::safe_max(m_new), vis);
+          std::fill(row + vis, row + nk, acc_t(0));
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
           if (alpha != acc_t(1)) scale_row(acc.data() + r * Dv, alpha, Dv);
         }
-        const scalar_t* p = gemm_operand(s, p_narrow.data(), mq * nk);
-        // acc[mq, Dv] += P[mq, nk] V_j[nk, Dv].
-        gemm(false, false, Dv, mq, nk, acc_t(1), V.row(b, hk, j0), V.ss, p, nk, acc_t(1),
+        const scalar_t* p = gemm_operand(s, p_narrow.data(), rows * nk);
+        // acc[rows, Dv] += P[rows, nk] V_j[nk, Dv].
+        gemm(false, false, Dv, rows, nk, acc_t(1), V.row(b, hk, j0), V.ss, p, nk, acc_t(1),
              acc.data(), Dv);
       }
-      scalar_t* o_i = o_data + ((b * Hq + h) * S + i0) * Dv;
-      acc_t* lse_i = lse_data + (b * Hq + h) * S + i0;
-      for (int64_t r = 0; r < mq; ++r) {
-        store_scaled(acc.data() + r * Dv, math::inverse_sum(l[r]), o_i + r * Dv, Dv);
-        lse_i[r] = math::final_lse(m[r], l[r]);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t h = hk * G + r / mq, i = i0 + r % mq;
+        store_scaled(acc.data() + r * Dv, math::inverse_sum(l[r]),
+                     o_data + ((b * Hq + h) * S + i) * Dv, Dv);
+        lse_data[(b * Hq + h) * S + i] = math::final_lse(m[r], l[r]);
       }
     }
   });
