@@ -93,16 +93,33 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
             acc_t* row = p + r * nk;
             if (bias != nullptr) add_bias(row, bias + b * S + j0, nk);
             if (causal) mask_tail(row, math::visible_keys(i0 + r, j0, nk, true), nk);
-            exp_shift(row, lse_i[r], nk);
+            if constexpr (kReduced) {
+              exp_shift_narrow(row, lse_i[r], nk, p_narrow.data() + r * nk);
+            } else {
+              exp_shift(row, lse_i[r], nk);
+            }
           }
-          const scalar_t* p_op = gemm_operand(p, p_narrow.data(), mq * nk);
+          const scalar_t* p_op;
+          if constexpr (kReduced) {
+            p_op = p_narrow.data();
+          } else {
+            p_op = p;
+          }
           // dV_j[nk, Dv] += P^T dO_i.
           gemm(false, true, Dv, nk, mq, acc_t(1), do_i, dO.ss, p_op, nk, acc_t(1), dv + j0 * Dv,
                Dv);
           // dP[mq, nk] = dO_i V_j^T, then dS = P * (dP - D) in place.
           gemm(true, false, nk, mq, Dv, acc_t(1), v_j, V.ss, do_i, dO.ss, acc_t(0), ds, nk);
-          for (int64_t r = 0; r < mq; ++r) score_grad(p + r * nk, ds + r * nk, d_row[r], nk);
-          const scalar_t* ds_op = gemm_operand(ds, ds_narrow.data(), mq * nk);
+          const scalar_t* ds_op;
+          if constexpr (kReduced) {
+            for (int64_t r = 0; r < mq; ++r) {
+              score_grad_narrow(p + r * nk, ds + r * nk, d_row[r], nk, ds_narrow.data() + r * nk);
+            }
+            ds_op = ds_narrow.data();
+          } else {
+            for (int64_t r = 0; r < mq; ++r) score_grad(p + r * nk, ds + r * nk, d_row[r], nk);
+            ds_op = ds;
+          }
           // dQ_i[mq, Dqk] += scale * dS K_j;  dK_j[nk, Dqk] += scale * dS^T Q_i.
           gemm(false, false, Dqk, mq, nk, sc, k_j, K.ss, ds_op, nk, acc_t(1), dq.data(), Dqk);
           gemm(false, true, Dqk, nk, mq, sc, q_i, Q.ss, ds_op, nk, acc_t(1), dk + j0 * Dqk, Dqk);

@@ -99,13 +99,25 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (bias != nullptr) add_bias(row, bias + b * S + j0, vis);
           const acc_t m_new = std::max(m[r], row_max(row, vis));
           const acc_t alpha = math::rescale_factor(m[r], m_new);
-          const acc_t sum = exp_shift_sum(row, math::safe_max(m_new), vis);
-          std::fill(row + vis, row + nk, acc_t(0));
+          acc_t sum;
+          if constexpr (kReduced) {
+            scalar_t* p_row = p_narrow.data() + r * nk;
+            sum = exp_shift_sum_narrow(row, math::safe_max(m_new), vis, p_row);
+            std::fill(p_row + vis, p_row + nk, scalar_t(0));
+          } else {
+            sum = exp_shift_sum(row, math::safe_max(m_new), vis);
+            std::fill(row + vis, row + nk, acc_t(0));
+          }
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
           if (alpha != acc_t(1)) scale_row(acc.data() + r * Dv, alpha, Dv);
         }
-        const scalar_t* p = gemm_operand(s, p_narrow.data(), rows * nk);
+        const scalar_t* p;
+        if constexpr (kReduced) {
+          p = p_narrow.data();
+        } else {
+          p = s;
+        }
         // acc[rows, Dv] += P[rows, nk] V_j[nk, Dv].
         gemm(false, false, Dv, rows, nk, acc_t(1), V.row(b, hk, j0), V.ss, p, nk, acc_t(1),
              acc.data(), Dv);

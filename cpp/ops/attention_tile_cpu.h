@@ -81,6 +81,67 @@ inline acc_t exp_shift_sum(acc_t* row, acc_t shift, int64_t n) {
   return sum;
 }
 
+// Reduced dtypes, one pass: narrow[c] = scalar_t(exp(row[c] - shift)); returns the fp32 sum of
+// the unrounded values (as FlashAttention does). Saves a store and a reload of the fp32 tile.
+template <typename scalar_t>
+inline float exp_shift_sum_narrow(const float* row, float shift, int64_t n, scalar_t* narrow) {
+  using FVec = Vectorized<float>;
+  constexpr int64_t W = 2 * FVec::size();
+  const FVec vshift(shift);
+  FVec vsum(0.f);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const FVec e0 = (FVec::loadu(row + c) - vshift).exp_u20();
+    const FVec e1 = (FVec::loadu(row + c + FVec::size()) - vshift).exp_u20();
+    vsum = vsum + e0 + e1;
+    at::vec::convert_from_float<scalar_t>(e0, e1).store(narrow + c);
+  }
+  float sum = at::vec::vec_reduce_all<float>([](FVec a, FVec b) { return a + b; }, vsum);
+  for (; c < n; ++c) {
+    const float e = stackwise::math::attn_exp(row[c] - shift);
+    sum += e;
+    narrow[c] = static_cast<scalar_t>(e);
+  }
+  return sum;
+}
+
+// Reduced dtypes, one pass: row[c] = exp(row[c] - lse) and narrow[c] = scalar_t(row[c]).
+template <typename scalar_t>
+inline void exp_shift_narrow(float* row, float lse, int64_t n, scalar_t* narrow) {
+  using FVec = Vectorized<float>;
+  constexpr int64_t W = 2 * FVec::size();
+  const FVec vlse(lse);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const FVec e0 = (FVec::loadu(row + c) - vlse).exp_u20();
+    const FVec e1 = (FVec::loadu(row + c + FVec::size()) - vlse).exp_u20();
+    e0.store(row + c);
+    e1.store(row + c + FVec::size());
+    at::vec::convert_from_float<scalar_t>(e0, e1).store(narrow + c);
+  }
+  for (; c < n; ++c) {
+    row[c] = stackwise::math::prob_from_lse(row[c], lse);
+    narrow[c] = static_cast<scalar_t>(row[c]);
+  }
+}
+
+// Reduced dtypes, one pass: narrow[c] = scalar_t(p[c] * (dp[c] - d)).
+template <typename scalar_t>
+inline void score_grad_narrow(const float* p, const float* dp, float d, int64_t n,
+                              scalar_t* narrow) {
+  using FVec = Vectorized<float>;
+  constexpr int64_t W = 2 * FVec::size();
+  const FVec vd(d);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const FVec g0 = FVec::loadu(p + c) * (FVec::loadu(dp + c) - vd);
+    const FVec g1 =
+        FVec::loadu(p + c + FVec::size()) * (FVec::loadu(dp + c + FVec::size()) - vd);
+    at::vec::convert_from_float<scalar_t>(g0, g1).store(narrow + c);
+  }
+  for (; c < n; ++c) narrow[c] = static_cast<scalar_t>(stackwise::math::score_grad(p[c], dp[c], d));
+}
+
 // row[c] = exp(row[c] - lse): the backward's probabilities from the saved log-sum-exp.
 template <typename acc_t>
 inline void exp_shift(acc_t* row, acc_t lse, int64_t n) {
@@ -105,18 +166,6 @@ template <typename acc_t>
 inline void scale_row(acc_t* row, acc_t factor, int64_t n) {
   const Vectorized<acc_t> vf(factor);
   at::vec::map([vf](const Vectorized<acc_t>& x) { return x * vf; }, row, row, n);
-}
-
-// The GEMM operand for an accumulation-dtype tile: itself for fp32/fp64, a rounded copy in
-// `narrow` for bf16/fp16 (their products take reduced operands and accumulate in fp32).
-template <typename scalar_t, typename acc_t>
-inline const scalar_t* gemm_operand(const acc_t* tile, scalar_t* narrow, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return tile;
-  } else {
-    at::vec::convert(tile, narrow, n);
-    return narrow;
-  }
 }
 
 // dst[c] = scalar_t(src[c] * factor).
