@@ -47,7 +47,7 @@ void gemm_naive(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, cons
 }
 
 inline int i32(int64_t x) {
-  TORCH_CHECK(x <= INT32_MAX, "attention: tile dimension ", x, " exceeds the BLAS int range");
+  TORCH_CHECK(x <= INT32_MAX, "stackwise::cpu::gemm: dimension ", x, " exceeds the BLAS int range");
   return static_cast<int>(x);
 }
 
@@ -116,11 +116,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
     return;
   }
   gemm_widened(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-const char* gemm_backend(bool reduced_precision) {
-  if (reduced_precision) return cblas_gemm_bf16bf16f32 != nullptr ? "blas" : "fallback";
-  return sgemm_ != nullptr ? "blas" : "fallback";
 }
 
 }  // namespace stackwise::cpu

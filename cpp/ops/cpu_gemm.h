@@ -35,7 +35,4 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
           const c10::Half* a, int64_t lda, const c10::Half* b, int64_t ldb, float beta, float* c,
           int64_t ldc);
 
-// Which backend the products use: "blas" (vendor BLAS through libtorch_cpu) or "fallback".
-const char* gemm_backend(bool reduced_precision);
-
 }  // namespace stackwise::cpu
