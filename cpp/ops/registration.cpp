@@ -49,4 +49,14 @@ TORCH_LIBRARY(stackwise, m) {
   m.def(
       "linear_attention_backward(Tensor grad_out, Tensor phi_q, Tensor phi_k, Tensor v, "
       "bool causal, float eps) -> (Tensor, Tensor, Tensor)");
+
+  // Attention: softmax(scale * q k^T + masks) v over q [B,Hq,S,Dqk], k [B,Hkv,S,Dqk],
+  // v [B,Hkv,S,Dv]; returns the output and the per-row log-sum-exp the backward recomputes from.
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
+      "float? scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, bool causal, float? scale) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

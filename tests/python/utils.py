@@ -32,6 +32,15 @@ TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float]] = {
     ("linear_attention", torch.float32): (1e-4, 1e-5),
     ("linear_attention", torch.float16): (1e-3, 1e-5),
     ("linear_attention", torch.bfloat16): (8e-3, 1e-5),
+    # Attention sums S products per output (and S*S for dK/dV); the fp32 kernels use exp_u20
+    # (~2e-6 relative) and a different summation order than the oracle. bf16/fp16 also round
+    # the probability tile P (and dS) to the storage dtype before the P V product, as
+    # FlashAttention does; their main check is FlashAttention's 2x-of-low-precision-reference
+    # rule (tests/python/ops/test_attention.py), this entry bounds the absolute drift.
+    ("attention", torch.float64): (1e-9, 1e-11),
+    ("attention", torch.float32): (1e-4, 2e-5),
+    ("attention", torch.float16): (1e-2, 5e-3),
+    ("attention", torch.bfloat16): (5e-2, 3e-2),
 }
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

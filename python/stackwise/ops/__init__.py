@@ -7,6 +7,7 @@ autograd registration whose backward calls the family's backward op. Plain-PyTor
 
 from __future__ import annotations
 
+from stackwise.ops.attention import attention
 from stackwise.ops.linear_attention import linear_attention
 from stackwise.ops.quant import (
     dequantize_fp8,
@@ -25,6 +26,7 @@ from stackwise.ops.rope import rope, rope_tables
 from stackwise.ops.swiglu import swiglu
 
 __all__ = [
+    "attention",
     "dequantize_fp8",
     "dequantize_int8",
     "dequantize_nf4",

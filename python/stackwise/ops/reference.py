@@ -7,6 +7,8 @@ exact-as-possible value.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -186,3 +188,42 @@ def linear_attention_reference(
     if causal:
         scores = torch.tril(scores)
     return (scores @ vv) / (scores.sum(-1, keepdim=True) + eps)
+
+
+def attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Explicit ``softmax(scale * q k^T + masks) v`` with K/V repeated for GQA/MQA.
+
+    Computed in ``compute_dtype`` (default: the accumulation dtype, float32 or float64) and
+    returned in it. Rows whose keys are all masked are 0 (``F.scaled_dot_product_attention``
+    returns NaN there). Differentiable, so ``torch.autograd.grad`` gives the reference gradients.
+    """
+    acc = compute_dtype or _acc_dtype(q)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        kf = kf.repeat_interleave(group, dim=1)
+        vf = vf.repeat_interleave(group, dim=1)
+    s_len = q.shape[2]
+    sc = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * sc
+    visible = torch.ones(s_len, s_len, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.tril(visible)
+    visible = visible.expand(q.shape[0], 1, s_len, s_len)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    # Fully masked rows: softmax of all -inf is NaN; the convention is a zero row (with zero
+    # gradients), so such rows get finite scores first and are zeroed after the softmax.
+    empty_row = ~visible.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(empty_row, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty_row, 0.0)
+    return torch.matmul(probs, vf)
