@@ -21,7 +21,12 @@ from typing import Any
 
 from stackwise._io import atomic_write_text
 from stackwise.config import _schema
-from stackwise.exceptions import ConfigurationError
+from stackwise.exceptions import (  # noqa: F401  (re-exported with the configuration)
+    ConfigurationError,
+    ModelError,
+    QuantizationError,
+    TrainingError,
+)
 
 # ---- model ------------------------------------------------------------------------------------
 
@@ -361,6 +366,10 @@ class StackWiseConfig:
 
 __all__ = [
     "ArchitectureConfig",
+    "ConfigurationError",
+    "ModelError",
+    "QuantizationError",
+    "TrainingError",
     "CachingConfig",
     "CheckpointConfig",
     "DataConfig",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stackwise.exceptions import ModelError
@@ -36,6 +37,7 @@ class SwiGLUFFN(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.freeze_up_proj = freeze_up_proj
+        self.reference = False  # plain PyTorch silu(gate) * up instead of the native op
         if freeze_up_proj:
             gen = torch.Generator().manual_seed(seed)
             bound = 1.0 / math.sqrt(d_model)
@@ -48,4 +50,6 @@ class SwiGLUFFN(nn.Module):
             self.up_proj.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x))))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = F.silu(gate) * up if self.reference else swiglu(gate, up)
+        return self.dropout(self.down_proj(hidden))

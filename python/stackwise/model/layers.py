@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from stackwise.model.attention import Attention, RMSNorm
 from stackwise.model.ffn import SwiGLUFFN
 from stackwise.model.lexical import LexicalKernelManager
+from stackwise.model.mlgka import MLGKALayer
 
-__all__ = ["LexicalKernelManager", "SwiGLUFFN"]
+__all__ = ["Attention", "LexicalKernelManager", "MLGKALayer", "RMSNorm", "SwiGLUFFN"]

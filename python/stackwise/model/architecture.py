@@ -1,0 +1,261 @@
+"""The rack: embeddings, stacks of blocks (each block an :class:`MLGKALayer`), final norm, head.
+
+    rack = Rack.from_config(model_config)
+    logits = rack(input_ids)                                 # [B, S] -> [B, S, vocab]
+    logits, boundaries = rack(input_ids, return_hidden=True) # + the activation entering each
+                                                             #   stack and the final hidden
+    h = rack.forward_from(boundaries[1], start_stack=1)      # re-run from a cached boundary
+
+``save_rack`` / ``load_rack`` store weights as safetensors and the config as YAML, with a
+manifest of SHA-256 digests checked on load (no pickled objects).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from stackwise._io import atomic_write_bytes
+from stackwise.exceptions import CacheCorruptionError, ModelError
+from stackwise.model.attention import RMSNorm
+from stackwise.model.lexical import LexicalKernelManager
+from stackwise.model.mlgka import MLGKALayer
+
+
+def _layer_kwargs(cfg) -> dict:
+    kv = cfg.n_kv_heads if cfg.attention_type in ("gqa", "mlgka", "kernel") else cfg.n_heads
+    kwargs = dict(
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        n_kv_heads=kv,
+        d_ff=cfg.d_ff,
+        attention_type=cfg.attention_type,
+        attention_mode=cfg.attention_mode,
+        norm=cfg.norm,
+        norm_eps=cfg.norm_eps,
+        freeze_up_proj=cfg.freeze_up_proj,
+        dropout=cfg.dropout,
+        use_rope=cfg.use_rope,
+        rope_theta=cfg.rope_theta,
+        max_seq_len=cfg.max_seq_len,
+        q_rank=cfg.mla.q_rank,
+        kv_rank=cfg.mla.kv_rank,
+        rope_head_dim=cfg.mla.rope_head_dim,
+        v_head_dim=cfg.mla.v_head_dim,
+        kernel_dim=cfg.kernel.kernel_dim,
+        kernel_seed=cfg.kernel.seed,
+    )
+    if cfg.attention_type == "kernel" or (
+        cfg.attention_type == "mlgka"
+        and cfg.attention_custom
+        and cfg.attention_custom.get("kernel_features")
+    ):
+        kwargs["kernel_type"] = cfg.kernel.kernel_type
+    return kwargs
+
+
+def create_gpt2_model(config) -> list[MLGKALayer]:
+    """``config.n_layers`` blocks configured from a :class:`ModelConfig`."""
+    return [MLGKALayer(seed=i, **_layer_kwargs(config)) for i in range(config.n_layers)]
+
+
+class Block(MLGKALayer):
+    """One block of a stack (an :class:`MLGKALayer`)."""
+
+
+class Stack(nn.Module):
+    """A list of blocks run in order."""
+
+    def __init__(self, blocks: list[MLGKALayer]) -> None:
+        super().__init__()
+        if not blocks:
+            raise ModelError("a stack needs at least one block")
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        for block in self.blocks:
+            x = block(x, key_padding_mask)
+        return x
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+class Rack(nn.Module):
+    """Embeddings + stacks + final norm + LM head."""
+
+    def __init__(
+        self, config, stacks: list[Stack] | None = None, lexical: LexicalKernelManager | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        te = config.tokenizer_embedding
+        self.lexical = lexical or LexicalKernelManager(
+            family=te.family if te.embedding_option == "embed_tokens" else "custom",
+            embedding_option=te.embedding_option,
+            freeze_embeddings=te.freeze_embeddings,
+            target_model_dim=config.d_model,
+            vocab_size=config.vocab_size,
+            path=te.path,
+            tie_embeddings=config.tie_embeddings,
+            adapter_hidden_dim=te.adapter_hidden_dim,
+        )
+        self.position = None
+        if not config.use_rope and config.attention_type != "mla":
+            self.position = nn.Embedding(config.max_seq_len, config.d_model)
+            nn.init.normal_(self.position.weight, std=0.01)
+        self.stacks = nn.ModuleList(stacks or [])
+        self.final_norm = (
+            RMSNorm(config.d_model, config.norm_eps)
+            if config.norm == "rmsnorm"
+            else nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        )
+
+    @classmethod
+    def from_config(cls, config, n_stacks: int | None = None) -> Rack:
+        """A rack with ``n_stacks`` (default ``architecture.n_stacks``) stacks of
+        ``architecture.blocks_per_stack`` blocks."""
+        arch = config.architecture
+        n = arch.n_stacks if n_stacks is None else n_stacks
+        layers = create_gpt2_model(config)
+        stacks = [
+            Stack(layers[i * arch.blocks_per_stack : (i + 1) * arch.blocks_per_stack])
+            for i in range(n)
+        ]
+        return cls(config, stacks)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        if input_ids.dim() != 2:
+            raise ModelError(f"input_ids must be [B, S], got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise ModelError(
+                f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len "
+                f"{self.config.max_seq_len}"
+            )
+        h = self.lexical.get_embeddings()(input_ids)
+        if self.position is not None:
+            h = h + self.position.weight[: input_ids.shape[1]]
+        return h
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lexical.get_lm_head()(self.final_norm(hidden))
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, return_hidden: bool = False
+    ):
+        """Logits [B, S, vocab]; with ``return_hidden`` also the list of boundary activations
+        (entering stack 0, 1, ... and after the last stack)."""
+        mask = attention_mask.bool() if attention_mask is not None else None
+        h = self.embed(input_ids)
+        boundaries = [h]
+        for stack in self.stacks:
+            h = stack(h, mask)
+            boundaries.append(h)
+        out = self.logits(h)
+        return (out, boundaries) if return_hidden else out
+
+    def forward_from(
+        self,
+        hidden: Tensor,
+        start_stack: int,
+        end_stack: int | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Run stacks ``[start_stack, end_stack)`` on the boundary activation ``hidden``."""
+        end = len(self.stacks) if end_stack is None else end_stack
+        if not 0 <= start_stack <= end <= len(self.stacks):
+            raise ModelError(f"stacks [{start_stack}, {end}) are outside 0..{len(self.stacks)}")
+        mask = attention_mask.bool() if attention_mask is not None else None
+        for stack in self.stacks[start_stack:end]:
+            hidden = stack(hidden, mask)
+        return hidden
+
+    # -- management ---------------------------------------------------------------------------
+
+    def set_attention_mode(self, mode: str) -> None:
+        for stack in self.stacks:
+            for block in stack.blocks:
+                block.set_attention_mode(mode)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def validate(self) -> Rack:
+        if len(self.stacks) == 0:
+            raise ModelError("the rack has no stacks")
+        for i, stack in enumerate(self.stacks):
+            for j, block in enumerate(stack.blocks):
+                if block.d_model != self.config.d_model:
+                    raise ModelError(
+                        f"stack {i} block {j} has d_model {block.d_model}, the rack "
+                        f"{self.config.d_model}"
+                    )
+        if self.lexical.vocab_size < self.config.vocab_size:
+            raise ModelError(
+                f"the embedding table has {self.lexical.vocab_size} rows, fewer "
+                f"than vocab_size {self.config.vocab_size}"
+            )
+        return self
+
+    def to_config(self) -> dict:
+        cfg = dataclasses.asdict(self.config)
+        cfg["architecture"]["n_stacks"] = len(self.stacks)
+        return cfg
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_rack(rack: Rack, directory: str | os.PathLike[str]) -> Path:
+    """Write ``model.safetensors``, ``config.yaml`` and ``manifest.json`` (SHA-256 of both)."""
+    from safetensors.torch import save
+
+    from stackwise.config._schema import yaml_dump
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in rack.state_dict().items()}
+    atomic_write_bytes(out / "model.safetensors", save(state))
+    atomic_write_bytes(out / "config.yaml", yaml_dump(rack.to_config()).encode())
+    manifest = {name: _sha256(out / name) for name in ("model.safetensors", "config.yaml")}
+    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    return out
+
+
+def load_rack(directory: str | os.PathLike[str]) -> Rack:
+    """Inverse of :func:`save_rack`; a file whose digest does not match raises
+    :class:`CacheCorruptionError` naming it."""
+    from safetensors.torch import load_file
+
+    from stackwise.config import _schema
+    from stackwise.config.base import ModelConfig
+
+    src = Path(directory)
+    manifest_path = src / "manifest.json"
+    if not manifest_path.is_file():
+        raise ModelError(f"{src} is not a saved rack (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest.items():
+        if _sha256(src / name) != digest:
+            raise CacheCorruptionError("checksum mismatch", str(src / name))
+    cfg = _schema.from_dict(
+        ModelConfig, _schema.yaml_load((src / "config.yaml").read_text()), "model"
+    )
+    rack = Rack.from_config(cfg)
+    rack.load_state_dict(load_file(str(src / "model.safetensors")))
+    return rack
+
+
+__all__ = ["Block", "Rack", "Stack", "create_gpt2_model", "load_rack", "save_rack"]
