@@ -32,10 +32,11 @@ test: build
 
 venv: $(VENV)/.requirements.stamp
 
-$(VENV)/.requirements.stamp: requirements.txt
+$(VENV)/.requirements.stamp: requirements.txt requirements-nodeps.txt
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet -r requirements.txt
+	$(VPY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	@touch $@
 
 # libgtest-dev from Debian when it is missing (needs root or sudo).

@@ -1,7 +1,8 @@
-"""Data: tokenizers (corpora and loaders arrive with the product)."""
+"""Data: tokenizers, corpora (tokenized once, cached) and packed-window loaders."""
 
 from __future__ import annotations
 
+from stackwise.data.loaders import PackedTokenDataset, create_data_loaders
 from stackwise.data.tokenizers import get_tokenizer
 
-__all__ = ["get_tokenizer"]
+__all__ = ["PackedTokenDataset", "create_data_loaders", "get_tokenizer"]
