@@ -1,0 +1,202 @@
+"""Mask schedules and training objectives: mlm, clm and diffusion (depth as time).
+
+    scheduler = MaskScheduler(min_fraction=0.1, max_fraction=0.9, schedule_type="linear")
+    fraction = scheduler.get_mask_fraction(layer_idx, total_layers)
+
+Schedules map t = layer_idx / (total_layers - 1) in [0, 1] to a fraction in
+[min_fraction, max_fraction], exactly min at t=0 and max at t=1, monotone non-decreasing:
+linear (min + (max-min) t), cosine (min + (max-min) (1 - cos(pi t)) / 2), exponential
+(min + (max-min) (e^{3t} - 1) / (e^3 - 1)), constant (max everywhere). ``reverse=True`` gives
+depth-as-time order: the highest fraction on the left (layer 0), the lowest on the right.
+
+Masks are a pure function of (sample id, position, ratio, seed) through a counter-based 32-bit
+integer hash, so a resumed or distributed run, or a batch in another order, draws the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stackwise.exceptions import ConfigurationError
+
+SCHEDULES = ("linear", "cosine", "exponential", "constant")
+IGNORE_INDEX = -100
+_MASK32 = 0xFFFFFFFF
+
+
+class MaskScheduler:
+    """Mask fraction per layer (or stack) index; see the module docstring for the schedules."""
+
+    def __init__(
+        self,
+        min_fraction: float = 0.1,
+        max_fraction: float = 0.9,
+        schedule_type: str = "linear",
+        reverse: bool = False,
+    ) -> None:
+        if schedule_type not in SCHEDULES:
+            raise ConfigurationError(
+                f"{schedule_type!r} is not one of {list(SCHEDULES)}", "training.masking.schedule"
+            )
+        if not 0.0 <= min_fraction <= max_fraction <= 1.0:
+            raise ConfigurationError(
+                f"need 0 <= min_fraction <= max_fraction <= 1, got {min_fraction}, {max_fraction}",
+                "training.masking.min_fraction",
+            )
+        self.min_fraction, self.max_fraction = float(min_fraction), float(max_fraction)
+        self.schedule_type, self.reverse = schedule_type, reverse
+
+    def fraction_at(self, t: float) -> float:
+        """The schedule at t in [0, 1] (before ``reverse``)."""
+        lo, hi = self.min_fraction, self.max_fraction
+        if self.schedule_type == "constant":
+            return hi
+        if t <= 0.0:
+            return lo
+        if t >= 1.0:
+            return hi
+        if self.schedule_type == "linear":
+            return lo + (hi - lo) * t
+        if self.schedule_type == "cosine":
+            return lo + (hi - lo) * (1.0 - math.cos(math.pi * t)) / 2.0
+        return lo + (hi - lo) * math.expm1(3.0 * t) / math.expm1(3.0)
+
+    def get_mask_fraction(self, layer_idx: int, total_layers: int) -> float:
+        if total_layers < 1:
+            raise ConfigurationError(f"total_layers must be >= 1, got {total_layers}")
+        if not 0 <= layer_idx < total_layers:
+            raise ConfigurationError(f"layer_idx {layer_idx} is outside [0, {total_layers})")
+        if total_layers == 1:
+            return self.fraction_at(1.0)
+        k = total_layers - 1 - layer_idx if self.reverse else layer_idx
+        return self.fraction_at(k / (total_layers - 1))
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (the "lowbias32" finaliser) on int64 tensors holding uint32."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(sample_ids: Tensor, seq_len: int, seed: int, stream: int) -> Tensor:
+    """Uniform [0, 1) floats of shape [B, seq_len], a pure function of (sample id, position,
+    seed, stream)."""
+    sid = sample_ids.to(torch.int64).reshape(-1, 1)
+    pos = torch.arange(seq_len, dtype=torch.int64, device=sample_ids.device).reshape(1, -1)
+    h = _mix32(pos + (stream & 0xFFFF) * 0x10001)
+    h = _mix32(h ^ _mix32(sid ^ ((sid >> 32) * 0x9E3779B9)))
+    h = _mix32(h ^ (seed & _MASK32))
+    return h.to(torch.float64).div_(2.0**32).to(torch.float32)
+
+
+def mlm_corrupt(
+    input_ids: Tensor,
+    sample_ids: Tensor,
+    ratio: float,
+    *,
+    seed: int,
+    mask_token_id: int,
+    vocab_size: int,
+    special_ids: tuple[int, ...] = (),
+    attention_mask: Tensor | None = None,
+    mask_prob: float = 0.8,
+    random_prob: float = 0.1,
+) -> tuple[Tensor, Tensor]:
+    """Select ``ratio`` of the maskable positions; of those, ``mask_prob`` become the mask token,
+    ``random_prob`` a random token (never a special one), the rest stay. Padding
+    (``attention_mask`` False) and ``special_ids`` are never selected.
+
+    Returns ``(corrupted_ids, labels)``, labels holding the original id at selected positions
+    and -100 elsewhere (the loss is taken on selected positions only).
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigurationError(f"mask ratio must be in [0, 1], got {ratio}")
+    if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
+        raise ConfigurationError(
+            f"mask_prob {mask_prob} + random_prob {random_prob} must be in [0, 1]",
+            "training.masking.mask_token_prob",
+        )
+    b, s = input_ids.shape
+    maskable = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask is not None:
+        maskable &= attention_mask.bool()
+    for sid in special_ids:
+        maskable &= input_ids != sid
+    selected = (hash_uniform(sample_ids, s, seed, 0).to(input_ids.device) < ratio) & maskable
+    u = hash_uniform(sample_ids, s, seed, 1).to(input_ids.device)
+    to_mask = selected & (u < mask_prob)
+    to_random = selected & (u >= mask_prob) & (u < mask_prob + random_prob)
+    r = hash_uniform(sample_ids, s, seed, 2).to(input_ids.device)
+    random_ids = (r * vocab_size).long().clamp_(max=vocab_size - 1)
+    for sid in special_ids:  # a special id drawn at random becomes the next ordinary id
+        random_ids = torch.where(random_ids == sid, (random_ids + 1) % vocab_size, random_ids)
+    corrupted = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    corrupted = torch.where(to_random, random_ids, corrupted)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return corrupted, labels
+
+
+def diffusion_corrupt(
+    input_ids: Tensor,
+    sample_ids: Tensor,
+    ratio: float,
+    *,
+    seed: int,
+    mask_token_id: int,
+    special_ids: tuple[int, ...] = (),
+    attention_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Masked diffusion at noise level ``ratio``: every selected position becomes the mask token
+    (absorbing state); labels as in :func:`mlm_corrupt`."""
+    return mlm_corrupt(
+        input_ids,
+        sample_ids,
+        ratio,
+        seed=seed,
+        mask_token_id=mask_token_id,
+        vocab_size=mask_token_id + 1,
+        special_ids=special_ids,
+        attention_mask=attention_mask,
+        mask_prob=1.0,
+        random_prob=0.0,
+    )
+
+
+def clm_labels(input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Next-token labels for [B, S] ids: labels[:, t] = ids[:, t+1], -100 at the last position
+    and wherever the target is padding."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    if attention_mask is not None:
+        pad_target = torch.zeros_like(input_ids, dtype=torch.bool)
+        pad_target[:, :-1] = ~attention_mask[:, 1:].bool()
+        labels = labels.masked_fill(pad_target, IGNORE_INDEX)
+    return labels
+
+
+def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross entropy over positions whose label is not -100 (0 when there are none)."""
+    flat = labels.reshape(-1)
+    if not bool((flat != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX
+    )
+
+
+__all__ = [
+    "MaskScheduler",
+    "clm_labels",
+    "diffusion_corrupt",
+    "hash_uniform",
+    "mlm_corrupt",
+    "token_loss",
+]
