@@ -71,6 +71,9 @@ gpu-test:
 
 bench: build
 	$(VPY) bench/ops_swiglu.py --device cpu
+	$(VPY) bench/ops_norm_rope.py
+	$(VPY) bench/ops_attention.py
+	$(VPY) bench/ops_linear_attention.py --device cpu
 	$(VPY) bench/ops_quant.py
 
 lint: venv
