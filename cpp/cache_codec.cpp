@@ -147,7 +147,9 @@ DType dtype_code(at::ScalarType t) {
     case at::kBool: return DType::kBool;
     case at::kFloat8_e4m3fn: return DType::kFloat8E4M3;
     case at::kFloat8_e5m2: return DType::kFloat8E5M2;
-    default: TORCH_CHECK_TYPE(false, "activation cache: tensors of dtype ", t, " cannot be stored");
+    default:
+      TORCH_CHECK_TYPE(false, "activation cache: tensors of dtype ", t, " cannot be stored ",
+                       "(float32/64, float16, bfloat16, float8, int8/16/32/64, uint8 or bool)");
   }
 }
 
