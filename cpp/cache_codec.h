@@ -41,7 +41,8 @@ core::TensorRecord encode(const std::string& name, const at::Tensor& x, core::St
 
 // A new tensor on `device` holding the record's values in its original dtype. To CUDA, the
 // (compressed) payload is staged in pinned memory, copied asynchronously on the current stream
-// and decoded there.
-at::Tensor decode(const core::TensorRecord& r, const at::Device& device);
+// and decoded there. CPU results of as-is and fp16/bf16 records live in memory from `alloc`.
+at::Tensor decode(const core::TensorRecord& r, const at::Device& device,
+                  core::BlobAllocator alloc = nullptr, void* alloc_ctx = nullptr);
 
 }  // namespace stackwise::cache
