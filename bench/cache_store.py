@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stackwise  # noqa: E402
 from harness import Row, Timing, compare, environment, format_table, write_json  # noqa: E402
 
-from stackwise._C import ActivationCacheStore  # noqa: E402
+ActivationCacheStore = stackwise._C.ActivationCacheStore
 
 MiB = 2**20
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from stackwise._C import ActivationCacheStore
 
 import stackwise
 from stackwise.exceptions import CacheBudgetError, CacheCorruptionError
 from stackwise.ops import quant
 from utils import CUDA_SKIP_REASON, HAS_CUDA
 
+ActivationCacheStore = stackwise._C.ActivationCacheStore
 PRECISIONS = ["as_is", "fp16", "bf16", "int8", "fp8"]
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OTHERS = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
