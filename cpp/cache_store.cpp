@@ -139,8 +139,14 @@ class ActivationCacheStore {
                                                    pool_.get());
   }
 
+  // A store dropped without close() removes the spill files it wrote, as close() does: keeping
+  // them is asked for with close(keep_files=True). A killed process leaves them for open().
   ~ActivationCacheStore() {
     py::gil_scoped_release nogil;  // the prefetch thread may be finishing a read
+    try {
+      core_->close(false);
+    } catch (...) {  // nothing may escape a destructor; the files stay for a later open()
+    }
     core_.reset();
   }
 
@@ -285,6 +291,8 @@ Activation cache: entries keyed by (block index, batch id), each a tensor plus c
 and string metadata, kept within a host-memory byte budget and an entry-count budget (0: no
 limit). Over a budget the least recently used entries spill to ``spill_dir`` (checksummed files
 written atomically); without a spill directory ``put`` raises CacheBudgetError. Thread-safe.
+close() (or dropping the store) removes the spill files it wrote; close(keep_files=True) writes
+every entry to disk and keeps them for ActivationCacheStore.open(spill_dir).
 
 storage_precision: "as_is", "fp16", "bf16", "int8" or "fp8" (e4m3); int8/fp8 keep one float32
 absmax scale per row (last dimension). Lossy precisions apply to the floating value tensor only;

@@ -331,3 +331,12 @@ def test_cuda_put_and_get(precision, pinned, tmp_path):
 
 def test_module_exports():
     assert stackwise._C.ActivationCacheStore is ActivationCacheStore
+
+
+def test_dropping_the_store_removes_its_files(tmp_path):
+    store = ActivationCacheStore(max_entries=1, spill_dir=tmp_path)
+    for i in range(3):
+        store.put(0, i, torch.randn(8))
+    assert len(list(tmp_path.glob("*.swspill"))) == 2
+    del store
+    assert not list(tmp_path.glob("*.swspill"))
