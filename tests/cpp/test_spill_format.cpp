@@ -47,6 +47,15 @@ TEST(SpillFormat, RoundTrip) {
   EXPECT_EQ(std::distance(fs::directory_iterator(d.path), fs::directory_iterator{}), 1);
 }
 
+TEST(SpillFormat, RoundTripAcrossWritebackChunks) {
+  // 2600 x 2048 float32 = 20.3 MiB: several 8 MiB write-back chunks, each checksummed as written.
+  TempDir d;
+  auto e = make_entry(2600, 2048, 11);
+  auto [path, size] = write_spill_file(d.path, {0, 1}, *e);
+  EXPECT_EQ(fs::file_size(path), size);
+  EXPECT_TRUE(same_entry(*e, read_spill_file(path)));
+}
+
 TEST(SpillFormat, FileNames) {
   CacheKey k;
   EXPECT_TRUE(parse_spill_file_name("blk3_batch42.swspill", &k));

@@ -62,7 +62,8 @@ class CacheStoreCore {
   CacheStoreCore& operator=(const CacheStoreCore&) = delete;
 
   // Stores (or replaces) an entry; records are validated. May spill LRU entries (blocking on
-  // their writes) or throw CacheBudgetExceeded.
+  // their writes) or throw CacheBudgetExceeded. If a spill write fails (disk full) its
+  // CacheIOError propagates and the entries it was moving stay in memory: nothing is lost.
   void put(const CacheKey& key, std::shared_ptr<const EntryData> data);
   // The entry's data (shared, immutable). Reads it back from disk when spilled.
   std::shared_ptr<const EntryData> get(const CacheKey& key);
