@@ -1,7 +1,7 @@
 // stackwise._C: the pybind11 module. Importing it loads the op registrations linked into it
 // (TORCH_LIBRARY in cpp/ops/registration.cpp, kernels in cpp/ops and cuda/), and it exposes
-// host-side helpers: build information, the CPU ISA in use, CRC-32C over Python buffers.
-// The only source file that includes pybind11.
+// host-side helpers: build information, the CPU ISA in use, CRC-32C over Python buffers, and the
+// activation-cache store (its class in cache_store.cpp, registered here).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -11,6 +11,10 @@
 #include "stackwise/crc32c.h"
 
 namespace py = pybind11;
+
+namespace stackwise::cache {
+void register_cache_store(py::module_& m);  // cache_store.cpp
+}
 
 namespace {
 
@@ -56,4 +60,5 @@ PYBIND11_MODULE(_C, m) {
         "CRC-32C (Castagnoli) of a contiguous buffer, continuing from `crc`.");
   m.def("crc32c_hardware_accelerated", &stackwise::core::crc32c_hardware_accelerated,
         "True when the SSE4.2 crc32 instruction is used.");
+  stackwise::cache::register_cache_store(m);
 }

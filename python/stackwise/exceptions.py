@@ -40,3 +40,8 @@ class CacheCorruptionError(StackWiseError):
     def __init__(self, message: str, path: str | None = None) -> None:
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
+
+
+class CacheBudgetError(StackWiseError, RuntimeError):
+    """An activation-cache ``put`` would exceed a memory or entry budget and the store has no
+    spill directory to move entries to (nothing is dropped)."""

@@ -1,2 +1,2 @@
-"""Training strategies: quantization of frozen stacks (masking and caching arrive with the
-trainers)."""
+"""Training strategies: quantization of frozen stacks and the activation cache (masking
+arrives with the trainers)."""

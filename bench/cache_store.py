@@ -1,0 +1,268 @@
+"""Activation-cache store benchmark: stackwise._C.ActivationCacheStore against plain baselines.
+
+Rows (one process, candidate and baseline interleaved; rates are bytes of the activation batch
+per second, so "of baseline" = baseline time / our time):
+  - in-memory put+get of a 64 MiB float32 batch, as-is and fp16 (with and without the error
+    statistics), against one ``torch.Tensor.copy_`` of it (target: fp16 >= 50%);
+  - spilled put+get (write, fsync, rename; read, CRC check) against ``torch.save`` + fsync +
+    ``torch.load`` of the same tensor in the same directory;
+  - spill write rate against ``dd if=/dev/zero of=FILE bs=1M count=256 conv=fsync`` in the same
+    directory (target: >= 70%);
+  - a trainer-like loop over spilled batches, read back from disk (page cache dropped for the
+    files with posix_fadvise), where each step "uses" a batch for a fixed time (sleep, standing
+    for device compute) and then gets the next: the fraction of time spent waiting in ``get``,
+    with and without ``prefetch`` of the next batches (target: < 10% with prefetch);
+  - on CUDA: put of a device tensor (device -> pinned) and get to the device (pinned ->
+    device) against a plain pinned ``copy_`` each way (target: >= 70%).
+
+    python bench/cache_store.py [--dir DIR] [--mb 64] [--repeat 7] [--batches 10]
+                                [--json bench/results/cache_store.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stackwise  # noqa: E402
+from harness import Row, Timing, compare, environment, format_table, write_json  # noqa: E402
+
+ActivationCacheStore = stackwise._C.ActivationCacheStore
+
+MiB = 2**20
+
+
+def _rate_extra(nbytes: int, ours: Timing, base: Timing) -> dict:
+    return {
+        "GB/s": nbytes / (ours.median_ms * 1e-3) / 1e9,
+        "baseline GB/s": nbytes / (base.median_ms * 1e-3) / 1e9,
+        "of baseline": base.median_ms / ours.median_ms,
+    }
+
+
+def bench_memory(x: torch.Tensor, repeat: int) -> list[Row]:
+    nbytes = x.numel() * x.element_size()
+    dst = torch.empty_like(x)
+    rows = []
+    for precision, track in (("as_is", True), ("fp16", True), ("fp16", False)):
+        store = ActivationCacheStore(storage_precision=precision, track_error=track)
+
+        def put_get(store=store):
+            store.put(0, 0, x)
+            return store.get(0, 0)
+
+        ours, base = compare(put_get, lambda: dst.copy_(x), repeat=repeat)
+        case = {"case": "put+get in memory", "precision": precision, "error stats": track}
+        rows.append(Row(case, ours, base, "torch.Tensor.copy_", _rate_extra(nbytes, ours, base)))
+    return rows
+
+
+def bench_spill(x: torch.Tensor, root: Path, repeat: int) -> list[Row]:
+    nbytes = x.numel() * x.element_size()
+    store = ActivationCacheStore(max_memory_bytes=1, spill_dir=root / "spill")
+    path = root / "torch_save.pt"
+
+    def put_get():
+        store.put(0, 0, x)  # larger than the budget: written straight to disk
+        return store.get(0, 0)
+
+    def save_load():
+        with open(path, "wb") as f:
+            torch.save(x, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return torch.load(path)
+
+    ours, base = compare(put_get, save_load, warmup=1, repeat=repeat)
+    rows = [
+        Row(
+            {"case": "put+get spilled", "precision": "as_is"},
+            ours,
+            base,
+            "torch.save+fsync+torch.load",
+            _rate_extra(nbytes, ours, base),
+        )
+    ]
+
+    # Spill write alone against dd with fsync, 256 MiB per dd run.
+    dd_file = root / "dd.bin"
+    counter = iter(range(10**9))
+
+    def spill_write():
+        store.put(1, next(counter), x)
+
+    def dd():
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={dd_file}", "bs=1M", "count=256", "conv=fsync"],
+            check=True,
+            capture_output=True,
+        )
+
+    ours, base = compare(spill_write, dd, warmup=1, repeat=repeat)
+    ours_rate = nbytes / (ours.median_ms * 1e-3) / 1e9
+    dd_rate = 256 * MiB / (base.median_ms * 1e-3) / 1e9
+    rows.append(
+        Row(
+            {"case": "spill write", "precision": "as_is"},
+            ours,
+            base,
+            "dd bs=1M count=256 conv=fsync",
+            {"GB/s": ours_rate, "baseline GB/s": dd_rate, "of baseline": ours_rate / dd_rate},
+        )
+    )
+    store.close()
+    dd_file.unlink(missing_ok=True)
+    return rows
+
+
+def _drop_page_cache(directory: Path) -> None:
+    for p in directory.glob("*.swspill"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def bench_trainer_loop(x: torch.Tensor, root: Path, batches: int, depth: int) -> list[Row]:
+    """Waiting time of a loop that gets batch i, uses it for `step` seconds, gets batch i+1."""
+    spill = root / "loop"
+    store = ActivationCacheStore(max_entries=depth + 1, spill_dir=spill)
+    for i in range(batches):
+        store.put(0, i, x + i)
+    store.flush()
+    # A cold read sets the step time: a step 1.5x as long as reading a batch, so prefetch can
+    # keep up in principle (a slower disk than compute cannot be hidden by any read-ahead).
+    cold = []
+    for i in range(1, min(batches, 4)):
+        _drop_page_cache(spill)
+        t0 = time.perf_counter()
+        store.get(0, i)
+        cold.append(time.perf_counter() - t0)
+    step = 1.5 * sorted(cold)[len(cold) // 2]
+
+    # What a get costs when the entry is in memory (the copy out), median of 5.
+    resident = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        store.get(0, 1)
+        resident.append(time.perf_counter() - t0)
+    in_memory_get = sorted(resident)[2]
+
+    def run(prefetch: bool) -> tuple[float, float, int, float]:
+        # Everything back on disk only, page cache dropped.
+        store.close(keep_files=True)
+        s = ActivationCacheStore.open(spill, max_entries=depth + 1)
+        _drop_page_cache(spill)
+        waited = 0.0
+        beyond = 0.0  # time in get beyond what a get of an in-memory entry takes
+        t_start = time.perf_counter()
+        for i in range(batches):
+            if prefetch:  # as CacheManager.iter_batches does: ask for the next ones first
+                s.prefetch([(0, j) for j in range(i + 1, min(i + 1 + depth, batches))])
+            t0 = time.perf_counter()
+            s.get(0, i)  # counted as waiting whole, though part of it is the copy out
+            waited += time.perf_counter() - t0
+            beyond += max(0.0, time.perf_counter() - t0 - in_memory_get)
+            time.sleep(step)  # the batch is in use (device compute)
+        total = time.perf_counter() - t_start
+        hits = s.stats()["hits"]
+        s.close(keep_files=True)
+        return waited, total, hits, beyond
+
+    rows = []
+    base_wait, base_total, _, _ = run(prefetch=False)
+    wait, total, hits, beyond = run(prefetch=True)
+    ms = lambda v: Timing(v * 1e3, v * 1e3, v * 1e3, 1)  # noqa: E731
+    rows.append(
+        Row(
+            {"case": f"trainer loop x{batches}", "precision": "as_is"},
+            ms(total),
+            ms(base_total),
+            "same loop without prefetch",
+            {
+                "step ms": step * 1e3,
+                "cold read ms": sorted(cold)[len(cold) // 2] * 1e3,
+                "waiting": wait / total,
+                "waiting w/o prefetch": base_wait / base_total,
+                "gets from memory": f"{hits}/{batches}",
+                "in-memory get ms": in_memory_get * 1e3,
+                "waiting beyond in-memory get": beyond / total,
+            },
+        )
+    )
+    shutil.rmtree(spill, ignore_errors=True)
+    return rows
+
+
+def bench_cuda(x: torch.Tensor, repeat: int) -> list[Row]:
+    nbytes = x.numel() * x.element_size()
+    dev = x.cuda()
+    pinned = torch.empty_like(x).pin_memory()
+    store = ActivationCacheStore(pinned_bytes=4 * nbytes)
+    rows = []
+    ours, base = compare(
+        lambda: store.put(0, 0, dev),
+        lambda: (pinned.copy_(dev, non_blocking=True), torch.cuda.synchronize()),
+        device="cuda",
+        repeat=repeat,
+    )
+    case = {"case": "put device->pinned", "precision": "as_is"}
+    rows.append(Row(case, ours, base, "pinned.copy_(device)", _rate_extra(nbytes, ours, base)))
+    ours, base = compare(
+        lambda: store.get(0, 0, "cuda"),
+        lambda: dev.copy_(pinned, non_blocking=True),
+        device="cuda",
+        repeat=repeat,
+    )
+    case = {"case": "get pinned->device", "precision": "as_is"}
+    rows.append(Row(case, ours, base, "device.copy_(pinned)", _rate_extra(nbytes, ours, base)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--dir", default=None, help="spill directory parent (default: a temp dir)")
+    p.add_argument("--mb", type=int, default=64, help="activation batch size in MiB")
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--batches", type=int, default=16, help="batches in the trainer loop")
+    p.add_argument("--prefetch-depth", type=int, default=2)
+    p.add_argument("--json", default="bench/results/cache_store.json")
+    args = p.parse_args(argv)
+
+    x = torch.randn(args.mb * MiB // 4 // 1024, 1024)  # float32 [tokens, d_model]
+    root = Path(tempfile.mkdtemp(prefix="swcache-bench-", dir=args.dir))
+    try:
+        rows = bench_memory(x, args.repeat)
+        rows += bench_spill(x, root, args.repeat)
+        rows += bench_trainer_loop(x, root, args.batches, args.prefetch_depth)
+        if torch.cuda.is_available():
+            rows += bench_cuda(x, args.repeat)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(
+        format_table(
+            f"Activation cache store, {args.mb} MiB float32 batches, spill dir {root.parent}",
+            rows,
+            ["case", "precision", "error stats"],
+        )
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = write_json(args.json, "cache_store", environment(device), rows)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

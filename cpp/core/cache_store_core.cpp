@@ -1,0 +1,423 @@
+// CacheStoreCore: index, LRU, budgets, spill/reload, prefetch thread (see cache_store_core.h).
+#include "stackwise/cache_store_core.h"
+
+#include <dirent.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+namespace stackwise::core {
+namespace {
+
+std::string key_text(const CacheKey& k) {
+  return "(block " + std::to_string(k.block) + ", batch " + std::to_string(k.batch) + ")";
+}
+
+void make_dirs(const std::string& dir) {
+  std::string cur;
+  size_t pos = 0;
+  while (pos != std::string::npos) {
+    pos = dir.find('/', pos + 1);
+    cur = dir.substr(0, pos);
+    if (cur.empty()) continue;
+    if (::mkdir(cur.c_str(), 0755) != 0 && errno != EEXIST)
+      throw CacheIOError("cannot create spill directory " + cur + ": " + std::strerror(errno));
+  }
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+    throw CacheIOError("spill directory " + dir + " is not a directory");
+}
+
+// A temporary file left by a writer that died: ".tmp-<name>.<pid>.<n>" whose pid is gone.
+bool is_stale_temp(const std::string& name) {
+  if (name.rfind(kSpillTempPrefix, 0) != 0) return false;
+  const size_t last = name.rfind('.');
+  if (last == std::string::npos || last == 0) return false;
+  const size_t prev = name.rfind('.', last - 1);
+  if (prev == std::string::npos) return false;
+  const long pid = std::strtol(name.c_str() + prev + 1, nullptr, 10);
+  if (pid <= 0) return true;
+  return ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+}
+
+}  // namespace
+
+CacheStoreCore::CacheStoreCore(StoreLimits limits, std::string spill_dir, bool reopen,
+                               BlobAllocator alloc, void* alloc_ctx)
+    : limits_(limits), spill_dir_(std::move(spill_dir)), alloc_(alloc), alloc_ctx_(alloc_ctx) {
+  if (reopen && spill_dir_.empty()) throw std::invalid_argument("reopen needs a spill directory");
+  if (!spill_dir_.empty()) make_dirs(spill_dir_);
+  if (reopen) index_directory();
+}
+
+CacheStoreCore::~CacheStoreCore() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+  }
+  prefetch_cv_.notify_all();
+  if (prefetch_thread_.joinable()) prefetch_thread_.join();
+}
+
+void CacheStoreCore::index_directory() {
+  DIR* d = ::opendir(spill_dir_.c_str());
+  if (!d) throw CacheIOError("cannot list " + spill_dir_ + ": " + std::strerror(errno));
+  std::vector<std::string> names;
+  while (dirent* ent = ::readdir(d)) names.emplace_back(ent->d_name);
+  ::closedir(d);
+  std::sort(names.begin(), names.end());
+  for (const auto& name : names) {
+    const std::string path = spill_dir_ + "/" + name;
+    if (is_stale_temp(name)) {  // never renamed: the write did not complete
+      ::unlink(path.c_str());
+      continue;
+    }
+    CacheKey key;
+    if (!parse_spill_file_name(name, &key)) continue;  // not ours
+    SpillHeader h = read_spill_header(path);
+    if (!(h.key == key))
+      throw CacheCorruption(path, "holds " + key_text(h.key) + ", not the entry it is named for");
+    Entry e;
+    e.gen = next_gen_++;
+    e.bytes = h.payload_bytes;
+    e.path = path;
+    e.file_bytes = h.header_bytes + h.payload_bytes;
+    disk_bytes_ += e.file_bytes;
+    ++disk_entries_;
+    index_.emplace(key, std::move(e));
+  }
+}
+
+void CacheStoreCore::check_open_locked() const {
+  if (closed_) throw std::logic_error("the activation cache store is closed");
+}
+
+void CacheStoreCore::drop_memory_locked(Entry& e) {
+  if (!e.data) return;
+  mem_bytes_ -= e.bytes;
+  if (e.pinned) pinned_bytes_ -= e.bytes;
+  --mem_entries_;
+  lru_.erase(e.lru);
+  e.data.reset();
+  e.prefetched = false;
+}
+
+void CacheStoreCore::install_memory_locked(const CacheKey& key, Entry& e,
+                                           std::shared_ptr<const EntryData> data) {
+  e.bytes = data->payload_bytes();
+  e.pinned = data->pinned();
+  e.data = std::move(data);
+  mem_bytes_ += e.bytes;
+  if (e.pinned) pinned_bytes_ += e.bytes;
+  ++mem_entries_;
+  lru_.push_front(key);
+  e.lru = lru_.begin();
+}
+
+void CacheStoreCore::remove_locked(const CacheKey& key, Entry& e) {
+  drop_memory_locked(e);
+  if (!e.path.empty()) {
+    ::unlink(e.path.c_str());
+    disk_bytes_ -= e.file_bytes;
+    --disk_entries_;
+  }
+  if (e.writing) {  // the writer finds the entry gone and removes what it wrote
+    releasing_bytes_ -= e.bytes;
+    --releasing_entries_;
+  }
+  index_.erase(key);
+}
+
+std::vector<CacheStoreCore::Victim> CacheStoreCore::make_room_locked() {
+  std::vector<Victim> victims;
+  auto over = [&] {
+    const uint64_t b = mem_bytes_ - releasing_bytes_, n = mem_entries_ - releasing_entries_;
+    return (limits_.max_memory_bytes && b > limits_.max_memory_bytes) ||
+           (limits_.max_entries && n > limits_.max_entries);
+  };
+  auto it = lru_.end();
+  while (over() && it != lru_.begin()) {
+    --it;
+    Entry& e = index_.at(*it);
+    if (e.writing || e.loading) continue;
+    if (!e.path.empty()) {  // a clean copy is on disk: just forget the memory
+      auto next = std::next(it);
+      drop_memory_locked(e);
+      it = next;
+      continue;
+    }
+    e.writing = true;
+    releasing_bytes_ += e.bytes;
+    ++releasing_entries_;
+    victims.push_back({*it, e.gen, e.data});
+  }
+  return victims;
+}
+
+void CacheStoreCore::write_victims(std::vector<Victim> victims) {
+  std::exception_ptr first_error;
+  std::lock_guard<std::mutex> io(io_mu_);
+  for (auto& v : victims) {
+    std::pair<std::string, uint64_t> written;
+    std::exception_ptr err;
+    try {
+      written = write_spill_file(spill_dir_, v.key, *v.data);
+    } catch (...) {
+      err = std::current_exception();
+    }
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = index_.find(v.key);
+    if (it == index_.end() || it->second.gen != v.gen) {  // evicted or replaced meanwhile
+      if (!err) ::unlink(written.first.c_str());
+      continue;
+    }
+    Entry& e = it->second;
+    e.writing = false;
+    releasing_bytes_ -= e.bytes;
+    --releasing_entries_;
+    if (err) {  // stays in memory; the caller hears why
+      if (!first_error) first_error = err;
+      continue;
+    }
+    e.path = written.first;
+    e.file_bytes = written.second;
+    e.owned_file = true;
+    disk_bytes_ += e.file_bytes;
+    ++disk_entries_;
+    ++counters_.spills;
+    drop_memory_locked(e);
+  }
+  if (first_error) std::rethrow_exception(first_error);
+}
+
+void CacheStoreCore::put(const CacheKey& key, std::shared_ptr<const EntryData> data) {
+  if (!data) throw std::invalid_argument("put: no entry data");
+  for (const auto& r : data->records) validate_record(r);
+  const uint64_t bytes = data->payload_bytes();
+  std::vector<Victim> victims;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    check_open_locked();
+    auto it = index_.find(key);
+    if (spill_dir_.empty()) {
+      const uint64_t old = (it != index_.end() && it->second.data) ? it->second.bytes : 0;
+      const uint64_t old_n = (it != index_.end() && it->second.data) ? 1 : 0;
+      if (limits_.max_memory_bytes && mem_bytes_ - old + bytes > limits_.max_memory_bytes)
+        throw CacheBudgetExceeded(
+            "put " + key_text(key) + ": " + std::to_string(bytes) + " more bytes would exceed " +
+            "max_memory_bytes=" + std::to_string(limits_.max_memory_bytes) + " (" +
+            std::to_string(mem_bytes_) + " in use) and there is no spill directory; give the " +
+            "store a spill_dir, raise the budget, or evict entries");
+      if (limits_.max_entries && mem_entries_ - old_n + 1 > limits_.max_entries)
+        throw CacheBudgetExceeded("put " + key_text(key) + ": the store holds max_entries=" +
+                                  std::to_string(limits_.max_entries) +
+                                  " entries and has no spill directory; give the store a " +
+                                  "spill_dir, raise the limit, or evict entries");
+    }
+    if (it != index_.end()) remove_locked(key, it->second);
+    Entry e;
+    e.gen = next_gen_++;
+    auto [pos, ok] = index_.emplace(key, std::move(e));
+    install_memory_locked(key, pos->second, std::move(data));
+    if (!spill_dir_.empty()) victims = make_room_locked();
+  }
+  if (!victims.empty()) write_victims(std::move(victims));
+}
+
+std::shared_ptr<const EntryData> CacheStoreCore::load(const CacheKey& key, bool for_prefetch) {
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    check_open_locked();
+    auto it = index_.find(key);
+    if (it == index_.end()) {
+      if (for_prefetch) return nullptr;
+      ++counters_.not_found;
+      throw CacheKeyMissing("no cached entry for " + key_text(key));
+    }
+    Entry& e = it->second;
+    if (e.data) {
+      if (for_prefetch) return e.data;
+      ++counters_.hits;
+      if (e.prefetched) ++counters_.prefetch_hits;
+      e.prefetched = false;
+      lru_.splice(lru_.begin(), lru_, e.lru);  // most recently used
+      return e.data;
+    }
+    if (e.loading) {  // another thread is reading this file: wait for it, then look again
+      load_cv_.wait(lk);
+      continue;
+    }
+    e.loading = true;
+    const std::string path = e.path;
+    const uint64_t gen = e.gen;
+    lk.unlock();
+    std::shared_ptr<EntryData> data;
+    std::exception_ptr err;
+    try {
+      data = std::make_shared<EntryData>(read_spill_file(path, &key, alloc_, alloc_ctx_));
+    } catch (...) {
+      err = std::current_exception();
+    }
+    lk.lock();
+    auto again = index_.find(key);
+    const bool same = again != index_.end() && again->second.gen == gen;
+    if (same) again->second.loading = false;
+    load_cv_.notify_all();
+    if (!same) continue;  // evicted or replaced while reading: look again
+    if (err) std::rethrow_exception(err);
+    Entry& cur = again->second;
+    install_memory_locked(key, cur, data);
+    ++counters_.loads;
+    if (for_prefetch) cur.prefetched = true;
+    else ++counters_.misses;
+    std::vector<Victim> victims = make_room_locked();
+    lk.unlock();
+    if (!victims.empty()) write_victims(std::move(victims));
+    return data;
+  }
+}
+
+std::shared_ptr<const EntryData> CacheStoreCore::get(const CacheKey& key) {
+  return load(key, false);
+}
+
+bool CacheStoreCore::contains(const CacheKey& key) const {
+  std::lock_guard<std::mutex> g(mu_);
+  return index_.count(key) != 0;
+}
+
+void CacheStoreCore::evict(const CacheKey& key) {
+  std::lock_guard<std::mutex> g(mu_);
+  check_open_locked();
+  auto it = index_.find(key);
+  if (it == index_.end()) throw CacheKeyMissing("no cached entry for " + key_text(key));
+  remove_locked(key, it->second);
+  load_cv_.notify_all();
+}
+
+void CacheStoreCore::clear() {
+  std::lock_guard<std::mutex> g(mu_);
+  check_open_locked();
+  prefetch_queue_.clear();
+  std::vector<CacheKey> all;
+  for (auto& [k, e] : index_) all.push_back(k);
+  for (auto& k : all) remove_locked(k, index_.at(k));
+  load_cv_.notify_all();
+}
+
+void CacheStoreCore::prefetch(const std::vector<CacheKey>& keys) {
+  std::lock_guard<std::mutex> g(mu_);
+  check_open_locked();
+  for (const auto& k : keys) {
+    auto it = index_.find(k);
+    if (it == index_.end() || it->second.data || it->second.loading) continue;
+    prefetch_queue_.push_back(k);
+    ++counters_.prefetch_requests;
+  }
+  if (!prefetch_thread_.joinable()) prefetch_thread_ = std::thread([this] { prefetch_loop(); });
+  prefetch_cv_.notify_one();
+}
+
+void CacheStoreCore::prefetch_loop() {
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    prefetch_cv_.wait(lk, [&] { return stop_ || !prefetch_queue_.empty(); });
+    if (stop_) break;
+    const CacheKey key = prefetch_queue_.front();
+    prefetch_queue_.pop_front();
+    prefetch_busy_ = true;
+    lk.unlock();
+    try {
+      load(key, true);
+    } catch (...) {  // the get that needs it reads it again and reports the error
+      std::lock_guard<std::mutex> g(mu_);
+      ++counters_.prefetch_errors;
+    }
+    lk.lock();
+    prefetch_busy_ = false;
+    if (prefetch_queue_.empty()) prefetch_idle_cv_.notify_all();
+  }
+  prefetch_busy_ = false;
+  prefetch_idle_cv_.notify_all();
+}
+
+void CacheStoreCore::wait_prefetch() {
+  std::unique_lock<std::mutex> lk(mu_);
+  prefetch_idle_cv_.wait(lk, [&] { return stop_ || (prefetch_queue_.empty() && !prefetch_busy_); });
+}
+
+void CacheStoreCore::flush() {
+  if (spill_dir_.empty()) throw std::logic_error("flush: the store has no spill directory");
+  std::vector<Victim> victims;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    check_open_locked();
+    for (auto& [k, e] : index_) {
+      if (!e.data || !e.path.empty() || e.writing) continue;
+      e.writing = true;
+      releasing_bytes_ += e.bytes;
+      ++releasing_entries_;
+      victims.push_back({k, e.gen, e.data});
+    }
+  }
+  write_victims(std::move(victims));
+}
+
+void CacheStoreCore::close(bool keep_files) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (closed_) return;
+    stop_ = true;
+    prefetch_queue_.clear();
+  }
+  prefetch_cv_.notify_all();
+  if (prefetch_thread_.joinable()) prefetch_thread_.join();
+  if (keep_files && !spill_dir_.empty()) flush();
+  std::lock_guard<std::mutex> io(io_mu_);
+  std::lock_guard<std::mutex> g(mu_);
+  for (auto& [k, e] : index_) {
+    if (!keep_files && e.owned_file && !e.path.empty()) ::unlink(e.path.c_str());
+    e.data.reset();
+  }
+  index_.clear();
+  lru_.clear();
+  mem_bytes_ = pinned_bytes_ = mem_entries_ = disk_bytes_ = disk_entries_ = 0;
+  closed_ = true;
+  load_cv_.notify_all();
+}
+
+bool CacheStoreCore::closed() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return closed_;
+}
+
+StoreStats CacheStoreCore::stats() const {
+  std::lock_guard<std::mutex> g(mu_);
+  StoreStats s = counters_;
+  s.bytes_in_memory = mem_bytes_;
+  s.bytes_pinned = pinned_bytes_;
+  s.bytes_on_disk = disk_bytes_;
+  s.entries = index_.size();
+  s.entries_in_memory = mem_entries_;
+  s.entries_on_disk = disk_entries_;
+  return s;
+}
+
+std::vector<CacheKey> CacheStoreCore::keys() const {
+  std::vector<CacheKey> out;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (const auto& [k, e] : index_) out.push_back(k);
+  }
+  std::sort(out.begin(), out.end(), [](const CacheKey& a, const CacheKey& b) {
+    return a.block != b.block ? a.block < b.block : a.batch < b.batch;
+  });
+  return out;
+}
+
+}  // namespace stackwise::core
