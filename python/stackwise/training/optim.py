@@ -1,0 +1,59 @@
+"""Optimizers and learning-rate schedules from :class:`OptimizerConfig`: AdamW / Adam / SGD over
+named parameter groups, linear warmup then cosine, linear or constant decay to
+``min_lr_ratio`` of the peak."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from stackwise.exceptions import TrainingError
+
+
+def build_optimizer(groups: list[dict], opt_cfg) -> torch.optim.Optimizer:
+    """``groups``: dicts with ``name``, ``params`` and ``lr``; empty groups are dropped. Every
+    group keeps its ``name`` in ``optimizer.param_groups``."""
+    groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+    for g in groups:
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+    if not groups:
+        raise TrainingError("nothing to train: every parameter group is empty or frozen")
+    name = opt_cfg.name
+    if name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        return cls(
+            groups, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay
+        )
+    if name == "sgd":
+        return torch.optim.SGD(groups, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
+    raise TrainingError(f"unknown optimizer {name!r}")
+
+
+def lr_lambda(opt_cfg, total_steps: int):
+    """Multiplier of the peak learning rate at a step: warmup, then the configured decay."""
+    warmup = opt_cfg.warmup_steps
+    floor = opt_cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if opt_cfg.schedule == "constant" or total_steps <= warmup:
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if opt_cfg.schedule == "linear":
+            return floor + (1 - floor) * (1 - t)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def clip_gradients(params, max_norm: float) -> float:
+    """Clip the global gradient norm when ``max_norm > 0``; returns the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.norm(torch.stack([p.grad.detach().norm() for p in params])))
