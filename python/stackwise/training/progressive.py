@@ -257,6 +257,7 @@ class ProgressiveTrainer:
         trainable = [p for g in opt.param_groups for p in g["params"]]
         rack.train()
         losses: list[float] = []
+        step_times: list[float] = []
         tokens = 0
         t_start = time.perf_counter()
         step = 0
@@ -266,6 +267,7 @@ class ProgressiveTrainer:
             for item in source:
                 if step >= steps:
                     break
+                t_step = time.perf_counter()
                 loss, n_tok = self._step_loss(
                     rack, item, ratio, new_idx, append, use_cache, cache_block, stage
                 )
@@ -280,6 +282,7 @@ class ProgressiveTrainer:
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
+                step_times.append(time.perf_counter() - t_step)
                 tokens += n_tok
                 step += 1
             if n_batches == 0:
@@ -291,6 +294,7 @@ class ProgressiveTrainer:
             "n_stacks": len(rack.stacks),
             "mask_ratio": ratio if prog.training_objective != "clm" else 0.0,
             "losses": losses,
+            "step_ms": [1e3 * t for t in step_times],
             "steps": steps,
             "tokens": tokens,
             "tokens_per_s": tokens / wall if wall > 0 else 0.0,
