@@ -75,6 +75,8 @@ bench: build
 	$(VPY) bench/ops_attention.py
 	$(VPY) bench/ops_linear_attention.py --device cpu
 	$(VPY) bench/ops_quant.py
+	$(VPY) bench/cache_store.py
+	$(VPY) bench/e2e_depth.py
 
 lint: venv
 	$(VENV)/bin/ruff check python tests bench setup.py
