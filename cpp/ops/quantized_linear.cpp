@@ -2,7 +2,7 @@
 // fp8 (per output row), and its input gradient dx = dy · dequant(W). Device-generic (CPU and CUDA
 // register the same code): the weight is dequantized `tile_rows` output rows at a time into one
 // buffer reused for the whole call, and each tile is one BLAS / cuBLAS matrix product, so no
-// full-precision copy of W ever exists (the buffer is ~2 MB).
+// full-precision copy of W ever exists (the buffer is at most 8 MB).
 //   x [..., K], qweight: nf4 uint8 [N*K/2] | int8/fp8 [N, K], scales: nf4 f32 [N*K/block] |
 //   f32 [N]; bias [N] or none -> y [..., N] in x's dtype.
 #include <ATen/core/Tensor.h>
@@ -48,9 +48,11 @@ enum class Fmt { NF4, ROWS };
 // that moves 8 MB instead of 64 MB + 8 MB. Must not exceed kSmallRows in quant_cpu_kernel.cpp.
 constexpr int64_t kFusedMaxRows = 16;
 
-// A dequantized weight tile of 2 MB fits in L2 on the machines we measured and amortises the
-// BLAS call; rows are rounded so each tile starts on an NF4 block boundary.
-constexpr int64_t kTileBytes = int64_t(2) << 20;
+// The dequantized weight tile: one BLAS call per tile, so larger tiles run closer to a single
+// full-weight GEMM (at M=1024, K=N=4096 fp32 on a 2-core machine, 128-row tiles took 1.5-2x the
+// time of 512-row tiles, noisy). 8 MB is an eighth of a 4096x4096 fp32 weight; rows are rounded
+// so each tile starts on an NF4 block boundary.
+constexpr int64_t kTileBytes = int64_t(8) << 20;
 
 struct QWeight {
   Fmt fmt;
