@@ -375,3 +375,13 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigurationError, match="not valid YAML"):
         StackWiseConfig.from_yaml(bad)
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[3] / "configs"
+    files = sorted(folder.glob("*.yaml"))
+    assert files
+    for f in files:
+        StackWiseConfig.from_yaml(f).validate()
