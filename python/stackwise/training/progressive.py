@@ -243,15 +243,19 @@ class ProgressiveTrainer:
         # the embeddings train with it.
         use_cache = prog.cache_activations and not first
         cache_block = 0 if (qlora or not append) else new_idx
+        n_batches = self._count(dataloader)
+        if n_batches == 0:
+            raise TrainingError("the dataloader yielded no batches")
+        steps = self._stage_steps(n_batches, target)
         t0 = time.perf_counter()
+        # Only as many batches as the stage will use are cached (a stage of S steps reads S
+        # batches, cycling when the loader has fewer).
         batches = (
-            self._fill_cache(rack, dataloader, ratio, cache_block, new_idx, append)
+            self._fill_cache(rack, dataloader, ratio, cache_block, limit=min(steps, n_batches))
             if use_cache
             else None
         )
         cache_time = time.perf_counter() - t0
-        n_batches = len(batches) if batches is not None else self._count(dataloader)
-        steps = self._stage_steps(n_batches, target)
         opt = build_optimizer(groups, cfg.optimizer)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer, steps))
         trainable = [p for g in opt.param_groups for p in g["params"]]
@@ -324,12 +328,15 @@ class ProgressiveTrainer:
         except TypeError:
             return sum(1 for _ in dataloader)
 
-    def _fill_cache(self, rack, dataloader, ratio, cache_block, new_idx, append) -> list:
-        """Run the frozen part once per batch and store its output; returns the batch ids."""
+    def _fill_cache(self, rack, dataloader, ratio, cache_block, limit: int) -> list:
+        """Run the frozen part once per batch (the first ``limit`` batches) and store its output;
+        returns the batch ids."""
         self.cache.clear()
         ids = []
         with torch.no_grad():
             for batch_idx, batch in enumerate(dataloader):
+                if batch_idx >= limit:
+                    break
                 parsed = self._parse(batch, batch_idx)
                 inputs, labels = self._corrupt(parsed, ratio)
                 h = rack.embed(inputs.to(self.device))
