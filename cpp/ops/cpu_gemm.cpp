@@ -1,6 +1,7 @@
 // Tile matrix products through the BLAS that libtorch_cpu exports (see cpu_gemm.h for why).
 #include "cpu_gemm.h"
 
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
@@ -117,5 +118,22 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   }
   gemm_widened(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
+
+bool vnni_gemm_available(c10::ScalarType dtype) {
+  return (dtype == c10::kBFloat16 || dtype == c10::kHalf) &&
+         at::native::cpublas::could_pack(dtype);
+}
+
+void vnni_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+               const c10::BFloat16* a, const c10::BFloat16* b, float* c) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c, /*is_vnni=*/true);
+}
+
+void vnni_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+               const c10::Half* a, const c10::Half* b, float* c) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c, /*is_vnni=*/true);
+}
+
+void vnni_gemm_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 
 }  // namespace stackwise::cpu

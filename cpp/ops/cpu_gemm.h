@@ -14,6 +14,7 @@
 // (bf16/fp16): correct, slower.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -34,5 +35,21 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
           const c10::Half* a, int64_t lda, const c10::Half* b, int64_t ldb, float beta, float* c,
           int64_t ldc);
+
+// Tile products on packed operands through oneDNN's brgemm micro-kernel (AMX on CPUs that have
+// it), reached through at::native::cpublas::brgemm/could_pack, which libtorch_cpu exports.
+// Row-major convention: C[m, n] (ldc) = A[m, k] (lda) * B[k, n] (+ C when add_c), where B is
+// packed in the VNNI layout [k / 2, ldb, 2] (element (r, c) at ((r / 2) * ldb + c) * 2 + r % 2;
+// k even). vnni_gemm_available(dtype) says whether the running torch and CPU support it (false,
+// for example, without oneDNN's micro-kernel API, without AMX/AVX512-FP16, or with
+// torch.backends.mkldnn disabled); callers then take the gemm() path above. A thread that ran
+// vnni_gemm calls vnni_gemm_release() before it leaves its parallel region, which releases the
+// AMX tile state.
+bool vnni_gemm_available(c10::ScalarType dtype);
+void vnni_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+               const c10::BFloat16* a, const c10::BFloat16* b, float* c);
+void vnni_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+               const c10::Half* a, const c10::Half* b, float* c);
+void vnni_gemm_release();
 
 }  // namespace stackwise::cpu

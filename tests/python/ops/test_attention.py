@@ -167,6 +167,29 @@ def test_low_precision_error_within_twice_reference(dtype, shape, causal):
         assert err_mine <= 2 * err_low + 1e-3, (name, err_mine, err_low)
 
 
+# Past one key block of the bf16/fp16 packed tile path (512 keys) with an odd tail: the online
+# softmax across blocks, the zero padding key, causal blocks cut by the diagonal, and a scale
+# that cannot be folded into the exp (<= 0). Where oneDNN's brgemm is unavailable (here forced
+# by disabling mkldnn) the BLAS path runs; both must match the oracle.
+@pytest.mark.parametrize("scale", [None, -0.05], ids=["default_scale", "negative_scale"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_dtype_id)
+def test_low_precision_several_key_blocks(dtype, causal, scale):
+    shape = (1, 8, 2, 1031, 64, 32)
+    q, k, v = _inputs(shape, dtype, "cpu", seed=5)
+    mask = _mask("empty_rows", shape[0], shape[3], "cpu", seed=5)
+    ref = attention_reference(q, k, v, causal=causal, key_padding_mask=mask, scale=scale)
+    enabled = torch.backends.mkldnn.enabled
+    for use_mkldnn in (True, False):
+        torch.backends.mkldnn.enabled = use_mkldnn
+        try:
+            out, lse = torch.ops.stackwise.attention_forward(q, k, v, mask, causal, scale)
+        finally:
+            torch.backends.mkldnn.enabled = enabled
+        assert_close(out, ref, "attention", dtype)
+        assert torch.isinf(lse[0, :, : shape[3] // 3]).all() == causal
+
+
 # ---- layouts ------------------------------------------------------------------------------------
 
 
