@@ -54,8 +54,11 @@ def _peak_memory_bytes(device: torch.device) -> int:
 class ProgressiveTrainer:
     """See the module docstring. ``config`` is a :class:`StackWiseConfig`."""
 
-    def __init__(self, config, tokenizer_ids: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, config, tokenizer_ids: dict[str, int] | None = None, checkpoint_dir: str | None = None
+    ) -> None:
         self.config = config
+        self.checkpoint_dir = checkpoint_dir
         self.training = config.training
         self.progressive = config.training.progressive
         dev = self.training.device
@@ -174,11 +177,23 @@ class ProgressiveTrainer:
             self.history.append(
                 self._train_stage(rack_builder, dataloader, stage, plan, eval_loader)
             )
+            if self.checkpoint_dir is not None and self.training.checkpointing.enabled:
+                from stackwise.training.checkpoint import save_stage_checkpoint
+
+                save_stage_checkpoint(self.checkpoint_dir, self, rack_builder)
         return {
             "history": self.history,
             "final": self.history[-1] if self.history else {},
             "rack": rack,
         }
+
+    @classmethod
+    def resume(cls, checkpoint_dir: str, config):
+        """``(trainer, rack_builder)`` from the newest stage checkpoint in ``checkpoint_dir``;
+        ``trainer.train_rack(rack_builder, ...)`` then continues with the next stage."""
+        from stackwise.training.checkpoint import load_stage_checkpoint
+
+        return load_stage_checkpoint(checkpoint_dir, config)
 
     def _trunk_precision(self) -> str:
         if not self.training.quantization_enabled:

@@ -38,6 +38,7 @@ class ProgressiveRackBuilder:
         self.rack = Rack(self.model_config, stacks=[])
         self.precisions: list[str] = []
         self.converted: list[bool] = []
+        self.strategies: list[str] = []  # how each frozen stack was converted ("" if not yet)
         self._layer_seed = 0
 
     @property
@@ -64,6 +65,7 @@ class ProgressiveRackBuilder:
         self.rack.stacks.append(stack)
         self.precisions.append(precision)
         self.converted.append(False)
+        self.strategies.append("")
         return stack
 
     def prepend_stack(self, n_blocks: int | None = None, precision: str = "full") -> Stack:
@@ -72,6 +74,7 @@ class ProgressiveRackBuilder:
         self.rack.stacks.insert(0, stack)
         self.precisions.insert(0, precision)
         self.converted.insert(0, False)
+        self.strategies.insert(0, "")
         return stack
 
     def add_stack(self, n_blocks: int | None = None, precision: str = "full") -> Stack:
@@ -115,6 +118,7 @@ class ProgressiveRackBuilder:
             if precision != "fp32":
                 QuantizationManager(keep_backup=False).convert_to_precision(stack, precision)
         self.converted[index] = True
+        self.strategies[index] = strategy
 
     def trunk_adapter_parameters(self, exclude: int) -> list:
         """LoRA parameters of every stack but ``exclude``."""

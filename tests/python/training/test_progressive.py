@@ -18,7 +18,7 @@ from stackwise.training.core.fusion_trainer import QLoRAAdapter
 VOCAB = 24
 
 
-def _config(**training):
+def _config(model=None, **training):
     progressive = training.pop("progressive", {})
     mode = progressive.get("training_objective", "clm")
     return StackWiseConfig.from_dict(
@@ -34,6 +34,7 @@ def _config(**training):
                 "use_rope": True,
                 "attention_mode": "causal" if mode == "clm" else "bidirectional",
                 "architecture": {"n_stacks": 2, "blocks_per_stack": 2},
+                **(model or {}),
             },
             "training": {
                 "learning_rate": 3e-3,
@@ -139,3 +140,46 @@ def test_training_errors():
         trainer.train_rack(builder, [[1, 2, 3]], target_stacks=1)
     with pytest.raises(TrainingError, match="no batches"):
         ProgressiveTrainer(config).train_rack(ProgressiveRackBuilder(config), [], target_stacks=1)
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "qlora"])
+def test_resume_from_stage_checkpoint_matches_uninterrupted(tmp_path, strategy):
+    prog = {"target_stacks": 3, "steps_per_stack": 6, "trunk_strategy": strategy}
+    cfg = dict(progressive=prog, qlora={"rank": 4, "alpha": 8.0, "dropout": 0.0})
+
+    def config():
+        deep = {"n_layers": 6, "architecture": {"n_stacks": 3, "blocks_per_stack": 2}}
+        return _config(model=deep, **{k: dict(v) for k, v in cfg.items()})
+
+    torch.manual_seed(5)
+    full = ProgressiveTrainer(config()).train_rack(
+        ProgressiveRackBuilder(config()), _data(), target_stacks=3
+    )
+    torch.manual_seed(5)
+    first = ProgressiveTrainer(config(), checkpoint_dir=str(tmp_path / "ckpt"))
+    first.train_rack(ProgressiveRackBuilder(config()), _data(), target_stacks=2)
+    torch.manual_seed(123)  # a resumed process starts from another RNG state
+    trainer, builder = ProgressiveTrainer.resume(str(tmp_path / "ckpt"), config())
+    assert builder.n_stacks == 2 and len(trainer.history) == 2
+    res = trainer.train_rack(builder, _data(), target_stacks=3)
+    torch.testing.assert_close(
+        torch.tensor(res["history"][2]["losses"]),
+        torch.tensor(full["history"][2]["losses"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    config = _config(progressive={"steps_per_stack": 2})
+    ProgressiveTrainer(config, checkpoint_dir=str(tmp_path)).train_rack(
+        ProgressiveRackBuilder(config), _data(2), target_stacks=1
+    )
+    model = tmp_path / "stage-000" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-3] ^= 0x55
+    model.write_bytes(bytes(data))
+    with pytest.raises(TrainingError, match="model.safetensors is corrupt"):
+        ProgressiveTrainer.resume(str(tmp_path), config)
+    with pytest.raises(TrainingError, match="no checkpoint to resume"):
+        ProgressiveTrainer.resume(str(tmp_path / "empty"), config)
