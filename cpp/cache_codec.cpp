@@ -151,6 +151,68 @@ __attribute__((target("avx2,f16c,fma"))) void half_error_avx2(const float* a, co
   *mx_out = m;
   *ss_out = ss;
 }
+// float32 -> fp16 with the error statistics in the same pass: each value is rounded (F16C,
+// round to nearest even as Tensor.copy_ does), stored, widened back in registers and compared,
+// so x is read once and the payload never re-read. Measured on 64 MiB float32: put+get with
+// statistics went from 0.46x to ~0.6x of a plain copy_ (the separate pass re-read 96 MiB).
+__attribute__((target("avx2,f16c,fma"))) void encode_fp16_error_avx2(const float* a, uint16_t* h,
+                                                                    int64_t n, float* mx_out,
+                                                                    double* ss_out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 mx = _mm256_setzero_ps();
+  double ss = 0.0;
+  int64_t i = 0;
+  for (; i + 8 <= n;) {
+    __m256 part = _mm256_setzero_ps();
+    const int64_t end = std::min(n - 7, i + 1024);  // float partial sums per 1024 values
+    for (; i < end; i += 8) {
+      const __m256 v = _mm256_loadu_ps(a + i);
+      const __m128i raw = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(h + i), raw);
+      const __m256 d = _mm256_sub_ps(v, _mm256_cvtph_ps(raw));
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, d));
+      part = _mm256_fmadd_ps(d, d, part);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, part);
+    for (float v : lanes) ss += v;
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mx);
+  float m = 0.0f;
+  for (float v : lanes) m = std::max(m, v);
+  for (; i < n; ++i) {
+    const c10::Half stored(a[i]);
+    h[i] = stored.x;
+    const float d = a[i] - float(stored);
+    m = std::max(m, std::fabs(d));
+    ss += double(d) * d;
+  }
+  *mx_out = m;
+  *ss_out = ss;
+}
+
+// Fused encode of contiguous float32 x into fp16 at dst with its error statistics; false when
+// this machine lacks AVX2/F16C (the caller then converts and measures in two passes).
+bool encode_fp16_with_error_cpu(const at::Tensor& x, uint16_t* dst, ErrorStats* error) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                           __builtin_cpu_supports("fma");
+  if (!avx2 || x.scalar_type() != at::kFloat || !x.is_contiguous()) return false;
+  const float* a = x.const_data_ptr<float>();
+  error->merge(at::parallel_reduce(
+      int64_t(0), x.numel(), int64_t(1) << 16, ErrorStats{},
+      [&](int64_t lo, int64_t hi, ErrorStats acc) {
+        float mx;
+        double ss;
+        encode_fp16_error_avx2(a + lo, dst + lo, hi - lo, &mx, &ss);
+        acc.merge({double(mx), ss, uint64_t(hi - lo)});
+        return acc;
+      },
+      [](ErrorStats p, const ErrorStats& q) { p.merge(q); return p; }));
+  return true;
+}
+#else
+bool encode_fp16_with_error_cpu(const at::Tensor&, uint16_t*, ErrorStats*) { return false; }
 #endif
 
 template <class stored_t>
@@ -317,6 +379,9 @@ core::TensorRecord encode(const std::string& name, const at::Tensor& x_in, Stora
     case Storage::kFloat16:
     case Storage::kBFloat16: {
       const at::ScalarType st = stored_type(r.storage);
+      if (error && x.is_cpu() && st == at::kHalf &&
+          encode_fp16_with_error_cpu(x, reinterpret_cast<uint16_t*>(dst), error))
+        break;
       if (x.is_cpu()) host_view(r.payload, 0, x.sizes(), st).copy_(x);
       else to_host(x.to(st).contiguous(), dst);  // cast on the device: half the bytes to move
       if (error && x.is_cpu()) {

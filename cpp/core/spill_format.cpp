@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <thread>
 
 #include "stackwise/crc32c.h"
 
@@ -51,14 +52,17 @@ class Fd {
 // alone after a plain write).
 constexpr size_t kWritebackChunk = size_t(8) << 20;
 
-// Writes n bytes in chunks, extending *crc (when given) over each chunk just before writing it,
-// while it is still in cache: one pass over the payload instead of two.
-void write_all(int fd, const uint8_t* p, size_t n, const std::string& path, uint64_t* offset,
-               uint32_t* crc = nullptr) {
+// Payloads from this size on are checksummed on a helper thread while the main thread writes
+// them: the CRC (~10 ms for 64 MiB with the 3-stream SSE4.2 path) then hides behind the write
+// syscalls (~20 ms of page-cache copy) instead of adding to them. Below it a thread start is
+// not worth it.
+constexpr size_t kParallelCrcBytes = size_t(4) << 20;
+
+// Writes n bytes in chunks of kWritebackChunk, starting write-back after each.
+void write_all(int fd, const uint8_t* p, size_t n, const std::string& path, uint64_t* offset) {
   uint64_t started = *offset - (*offset % kWritebackChunk);
   while (n > 0) {
     const size_t chunk = std::min(n, kWritebackChunk);
-    if (crc) *crc = crc32c_update(*crc, p, chunk);
     size_t done = 0;
     while (done < chunk) {
       ssize_t w = ::write(fd, p + done, chunk - done);
@@ -270,11 +274,23 @@ std::pair<std::string, uint64_t> write_spill_file(const std::string& dir, const 
                                std::to_string(::getpid()) + "." + std::to_string(counter++);
   Fd fd(::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
   if (fd.get() < 0) throw CacheIOError(errno_text("cannot create", tmp_path));
+  // The checksum of header and payloads, in file order; it is only needed for the header field
+  // written after the payload, so it may run beside the writes.
+  auto checksum_payloads = [&entry, &crc] {
+    for (const auto& r : entry.records)
+      crc = crc32c_update(crc, r.payload.data.get(), r.payload.size);
+  };
   try {
     uint64_t offset = 0;
-    write_all(fd.get(), header.data(), header.size(), tmp_path, &offset);
-    for (const auto& r : entry.records)
-      write_all(fd.get(), r.payload.data.get(), r.payload.size, tmp_path, &offset, &crc);
+    {
+      // jthread: joined on every exit from this scope, a throwing write included.
+      std::jthread crc_worker;
+      if (entry.payload_bytes() >= kParallelCrcBytes) crc_worker = std::jthread(checksum_payloads);
+      else checksum_payloads();
+      write_all(fd.get(), header.data(), header.size(), tmp_path, &offset);
+      for (const auto& r : entry.records)
+        write_all(fd.get(), r.payload.data.get(), r.payload.size, tmp_path, &offset);
+    }
     // The checksum is known once the payload is written: fill in the header's field.
     if (::pwrite(fd.get(), &crc, 4, 24) != 4)
       throw CacheIOError(errno_text("cannot write", tmp_path));

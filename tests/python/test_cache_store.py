@@ -340,3 +340,29 @@ def test_dropping_the_store_removes_its_files(tmp_path):
     assert len(list(tmp_path.glob("*.swspill"))) == 2
     del store
     assert not list(tmp_path.glob("*.swspill"))
+
+
+def test_fp16_encode_with_error_stats_matches_torch_rounding():
+    # Several parallel chunks and a tail that is not a multiple of the vector width; values
+    # that round to subnormals, overflow to inf, and ties.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3 * 65536 + 13, generator=g) * 4
+    x[:5] = torch.tensor([1e-6, 7e4, -7e4, 1.0 + 2**-11, 3e-8])
+    x[-3:] = torch.tensor([65519.0, -1e-7, 2.0**-14])
+    store = ActivationCacheStore(storage_precision="fp16", track_error=True)
+    store.put(0, 0, x)
+    value = store.get(0, 0)[0]
+    assert torch.equal(value, x.half().float())
+    finite = torch.isfinite(x.half())
+    assert not bool(finite.all())  # the overflowing values make the max error infinite
+    assert store.stats()["compression_max_abs_error"] == float("inf")
+    y = x[finite]
+    store.put(0, 1, y)
+    err = (y.half().double() - y.double()).abs()
+    stats = store.stats()
+    assert stats["compression_elements"] == x.numel() + y.numel()
+    store2 = ActivationCacheStore(storage_precision="fp16", track_error=True)
+    store2.put(0, 0, y)
+    s2 = store2.stats()
+    assert s2["compression_max_abs_error"] == pytest.approx(float(err.max()), rel=1e-6)
+    assert s2["compression_rms_error"] == pytest.approx(float(err.square().mean().sqrt()), rel=1e-5)
