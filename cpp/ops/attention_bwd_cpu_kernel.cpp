@@ -32,6 +32,9 @@ using namespace attention_tile;
 // plus the dQ accumulator stay within L2.
 constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kKeyBlock = 256;
+// P and dS rows are padded by one cache line: at a 1 KiB stride every fourth row of a tile maps to
+// the same L1 sets, which the transposed reads of dV += P^T dO and dK += dS^T Q walk down.
+constexpr int64_t kRowPad = 16;
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -55,7 +58,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const acc_t sc = static_cast<acc_t>(scale);
 
   at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tile = kQueryBlock * kKeyBlock;
+    const int64_t tile = kQueryBlock * (kKeyBlock + kRowPad);
     std::vector<acc_t> p_tile(tile), ds_tile(tile), dq(kQueryBlock * Dqk), d_row(kQueryBlock);
     std::vector<scalar_t> p_narrow(kReduced ? tile : 0), ds_narrow(kReduced ? tile : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -77,18 +80,18 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         std::fill(dq.begin(), dq.end(), acc_t(0));
         const int64_t j_end = causal ? std::min(S, i0 + mq) : S;
         for (int64_t j0 = 0; j0 < j_end; j0 += kKeyBlock) {
-          const int64_t nk = std::min(kKeyBlock, j_end - j0);
+          const int64_t nk = std::min(kKeyBlock, j_end - j0), ld = nk + kRowPad;
           const scalar_t* k_j = K.row(b, hk, j0);
           const scalar_t* v_j = V.row(b, hk, j0);
           acc_t* p = p_tile.data();
           acc_t* ds = ds_tile.data();
-          gemm(true, false, nk, mq, Dqk, sc, k_j, K.ss, q_i, Q.ss, acc_t(0), p, nk);
+          gemm(true, false, nk, mq, Dqk, sc, k_j, K.ss, q_i, Q.ss, acc_t(0), p, ld);
           for (int64_t r = 0; r < mq; ++r) {
-            acc_t* row = p + r * nk;
+            acc_t* row = p + r * ld;
             if (bias != nullptr) add_bias(row, bias + b * S + j0, nk);
             if (causal) mask_tail(row, math::visible_keys(i0 + r, j0, nk, true), nk);
             if constexpr (kReduced) {
-              exp_shift_narrow(row, lse_i[r], nk, p_narrow.data() + r * nk);
+              exp_shift_narrow(row, lse_i[r], nk, p_narrow.data() + r * ld);
             } else {
               exp_shift(row, lse_i[r], nk);
             }
@@ -100,23 +103,23 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
             p_op = p;
           }
           // dV_j[nk, Dv] += P^T dO_i.
-          gemm(false, true, Dv, nk, mq, acc_t(1), do_i, dO.ss, p_op, nk, acc_t(1), dv + j0 * Dv,
+          gemm(false, true, Dv, nk, mq, acc_t(1), do_i, dO.ss, p_op, ld, acc_t(1), dv + j0 * Dv,
                Dv);
           // dP[mq, nk] = dO_i V_j^T, then dS = P * (dP - D) in place.
-          gemm(true, false, nk, mq, Dv, acc_t(1), v_j, V.ss, do_i, dO.ss, acc_t(0), ds, nk);
+          gemm(true, false, nk, mq, Dv, acc_t(1), v_j, V.ss, do_i, dO.ss, acc_t(0), ds, ld);
           const scalar_t* ds_op;
           if constexpr (kReduced) {
             for (int64_t r = 0; r < mq; ++r) {
-              score_grad_narrow(p + r * nk, ds + r * nk, d_row[r], nk, ds_narrow.data() + r * nk);
+              score_grad_narrow(p + r * ld, ds + r * ld, d_row[r], nk, ds_narrow.data() + r * ld);
             }
             ds_op = ds_narrow.data();
           } else {
-            for (int64_t r = 0; r < mq; ++r) score_grad(p + r * nk, ds + r * nk, d_row[r], nk);
+            for (int64_t r = 0; r < mq; ++r) score_grad(p + r * ld, ds + r * ld, d_row[r], nk);
             ds_op = ds;
           }
           // dQ_i[mq, Dqk] += scale * dS K_j;  dK_j[nk, Dqk] += scale * dS^T Q_i.
-          gemm(false, false, Dqk, mq, nk, sc, k_j, K.ss, ds_op, nk, acc_t(1), dq.data(), Dqk);
-          gemm(false, true, Dqk, nk, mq, sc, q_i, Q.ss, ds_op, nk, acc_t(1), dk + j0 * Dqk, Dqk);
+          gemm(false, false, Dqk, mq, nk, sc, k_j, K.ss, ds_op, ld, acc_t(1), dq.data(), Dqk);
+          gemm(false, true, Dqk, nk, mq, sc, q_i, Q.ss, ds_op, ld, acc_t(1), dk + j0 * Dqk, Dqk);
         }
         scalar_t* dq_i = dq_data + (bh * S + i0) * Dqk;
         store_scaled(dq.data(), acc_t(1), dq_i, mq * Dqk);

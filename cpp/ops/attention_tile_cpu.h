@@ -91,14 +91,26 @@ inline float row_max_unrolled(const float* row, int64_t n) {
 template <typename acc_t>
 inline acc_t exp_shift_sum(acc_t* row, acc_t shift, int64_t n) {
   using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
   const Vec vshift(shift);
-  Vec vsum(acc_t(0));
+  // Two independent exp chains and sums per step: the polynomial's latency, not its
+  // throughput, bounded the one-vector loop.
+  Vec vsum(acc_t(0)), vsum1(acc_t(0));
   int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
+  for (; c + 2 * W <= n; c += 2 * W) {
+    const Vec e0 = (Vec::loadu(row + c) - vshift).exp_u20();
+    const Vec e1 = (Vec::loadu(row + c + W) - vshift).exp_u20();
+    e0.store(row + c);
+    e1.store(row + c + W);
+    vsum = vsum + e0;
+    vsum1 = vsum1 + e1;
+  }
+  for (; c + W <= n; c += W) {
     const Vec e = (Vec::loadu(row + c) - vshift).exp_u20();
     e.store(row + c);
     vsum = vsum + e;
   }
+  vsum = vsum + vsum1;
   acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, vsum);
   for (; c < n; ++c) {
     row[c] = stackwise::math::attn_exp(row[c] - shift);
