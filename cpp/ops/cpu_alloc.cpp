@@ -16,13 +16,18 @@ namespace stackwise::cpu {
 namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
+// Below glibc's largest dynamic mmap threshold (32 MiB on 64-bit) a freed block is reused from
+// the heap by the next allocation of its size, without page faults, which beats fresh huge pages
+// (measured on a 4 MiB attention output: 11.4-12.8 ms per call through the default allocator,
+// 12.0-13.4 ms through fresh huge pages). Above it, every allocation is a fresh mmap.
+constexpr size_t kHugeMinBytes = size_t(32) << 20;
 
 void free_block(void* p) { std::free(p); }
 
 class HugePageAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kHugePage) return c10::GetCPUAllocator()->allocate(nbytes);
+    if (nbytes < kHugeMinBytes) return c10::GetCPUAllocator()->allocate(nbytes);
     const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
     void* p = std::aligned_alloc(kHugePage, rounded);
     TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "stackwise: cannot allocate ", nbytes,
