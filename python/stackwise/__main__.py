@@ -1,0 +1,7 @@
+"""``python -m stackwise``: the ``stackwise`` command."""
+
+import sys
+
+from stackwise.cli import main
+
+sys.exit(main())
