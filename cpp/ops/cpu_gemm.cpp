@@ -1,19 +1,16 @@
 // Tile matrix products through the BLAS that libtorch_cpu exports (see cpu_gemm.h for why).
 #include "cpu_gemm.h"
 
+#include "blas_gemm.h"
+
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
 
+// sgemm_/dgemm_ are declared (weak) in blas_gemm.h, shared with the linear-attention kernels.
 // Weak references: null when the loaded libtorch_cpu does not export the symbol.
 extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
 // MKL's CBLAS (LP64): layout 102 = column major, transposes 111 = no, 112 = yes.
 void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
                             const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
