@@ -61,7 +61,6 @@ def worker(mode: str, depth: int, steps: int, d_model: int) -> dict:
 
     from stackwise.data import create_data_loaders
     from stackwise.training import ProgressiveRackBuilder, ProgressiveTrainer
-    from stackwise.training.progressive import ProgressiveTrainer as PT  # noqa: F401
 
     torch.manual_seed(0)
     cfg = _config(depth, steps, d_model, mode)

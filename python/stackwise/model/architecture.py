@@ -13,14 +13,13 @@ manifest of SHA-256 digests checked on load (no pickled objects).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from stackwise._io import atomic_write_bytes
+from stackwise._io import atomic_write_bytes, sha256_file
 from stackwise.exceptions import CacheCorruptionError, ModelError
 from stackwise.model.attention import RMSNorm
 from stackwise.model.lexical import LexicalKernelManager
@@ -210,14 +209,6 @@ class Rack(nn.Module):
         return cfg
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_rack(rack: Rack, directory: str | os.PathLike[str]) -> Path:
     """Write ``model.safetensors``, ``config.yaml`` and ``manifest.json`` (SHA-256 of both)."""
     from safetensors.torch import save
@@ -229,7 +220,7 @@ def save_rack(rack: Rack, directory: str | os.PathLike[str]) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in rack.state_dict().items()}
     atomic_write_bytes(out / "model.safetensors", save(state))
     atomic_write_bytes(out / "config.yaml", yaml_dump(rack.to_config()).encode())
-    manifest = {name: _sha256(out / name) for name in ("model.safetensors", "config.yaml")}
+    manifest = {name: sha256_file(out / name) for name in ("model.safetensors", "config.yaml")}
     atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     return out
 
@@ -248,7 +239,7 @@ def load_rack(directory: str | os.PathLike[str]) -> Rack:
         raise ModelError(f"{src} is not a saved rack (no manifest.json)")
     manifest = json.loads(manifest_path.read_text())
     for name, digest in manifest.items():
-        if _sha256(src / name) != digest:
+        if sha256_file(src / name) != digest:
             raise CacheCorruptionError("checksum mismatch", str(src / name))
     cfg = _schema.from_dict(
         ModelConfig, _schema.yaml_load((src / "config.yaml").read_text()), "model"

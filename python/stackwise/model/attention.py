@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from stackwise import ops
 from stackwise.exceptions import ModelError
 from stackwise.model.feature_maps import make_feature_map
+from stackwise.ops import reference
 
 ATTENTION_TYPES = ("standard", "mha", "gqa", "mla", "kernel", "mlgka")
 ATTENTION_MODES = ("causal", "bidirectional")
@@ -46,33 +47,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reference:
-            xf = x.float()
-            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (y * self.weight.float()).to(x.dtype)
+            return reference.rms_norm_reference(x, self.weight, self.eps).to(x.dtype)
         return ops.rms_norm(x, self.weight, self.eps)
-
-
-def _rope_reference(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, offset: int) -> Tensor:
-    s = x.shape[2]
-    half = rotary_dim // 2
-    c = cos[offset : offset + s].to(torch.float32)[None, None]
-    si = sin[offset : offset + s].to(torch.float32)[None, None]
-    xf = x.float()
-    a, b, rest = xf[..., :half], xf[..., half:rotary_dim], xf[..., rotary_dim:]
-    out = torch.cat([a * c - b * si, b * c + a * si, rest], dim=-1)
-    return out.to(x.dtype)
-
-
-def _linear_attention_reference(
-    phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, eps: float = 1e-6
-) -> Tensor:
-    q, k, vv = phi_q.double(), phi_k.double(), v.double()
-    scores = q @ k.transpose(-1, -2)
-    if causal:
-        s = scores.shape[-1]
-        scores = scores * torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-    out = (scores @ vv) / (scores.sum(-1, keepdim=True) + eps)
-    return out.to(v.dtype)
 
 
 class Attention(nn.Module):
@@ -187,10 +163,8 @@ class Attention(nn.Module):
     def _rope(self, q: Tensor, k: Tensor, offset: int) -> tuple[Tensor, Tensor]:
         cos, sin = self._tables(q.device, offset + q.shape[2])
         if self.reference:
-            return (
-                _rope_reference(q, cos, sin, self.rope_dim, offset),
-                _rope_reference(k, cos, sin, self.rope_dim, offset),
-            )
+            qr, kr = reference.rope_reference(q, k, cos, sin, self.rope_dim, offset)
+            return qr.to(q.dtype), kr.to(k.dtype)
         return ops.rope(q, k, cos, sin, rotary_dim=self.rope_dim, position_offset=offset)
 
     def _heads(self, t: Tensor, n: int) -> Tensor:
@@ -256,7 +230,9 @@ class Attention(nn.Module):
             dv = v.shape[-1]
             v = v[:, :, None].expand(b, hkv, group, s, dv).reshape(b, hkv * group, s, dv)
         if self.reference:
-            return _linear_attention_reference(phi_q, phi_k, v, self.causal)
+            return reference.linear_attention_reference(phi_q, phi_k, v, causal=self.causal).to(
+                v.dtype
+            )
         return ops.linear_attention(phi_q, phi_k, v, causal=self.causal)
 
     def forward(

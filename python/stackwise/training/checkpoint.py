@@ -12,26 +12,17 @@ or corrupt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from stackwise._io import atomic_write_bytes, atomic_write_text
+from stackwise._io import atomic_write_bytes, atomic_write_text, sha256_file
 from stackwise.exceptions import TrainingError
 
 _FILES = ("model.safetensors", "rng.safetensors", "builder.json", "trainer.json")
 _VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_safe(history: list[dict]) -> list[dict]:
@@ -67,7 +58,7 @@ def save_stage_checkpoint(directory: str | os.PathLike[str], trainer, builder) -
         folder / "trainer.json",
         json.dumps({"version": _VERSION, "history": _json_safe(trainer.history)}, indent=2),
     )
-    manifest = {name: _sha256(folder / name) for name in _FILES}
+    manifest = {name: sha256_file(folder / name) for name in _FILES}
     atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
     atomic_write_text(root / "latest", folder.name + "\n")
     return folder
@@ -100,7 +91,7 @@ def load_stage_checkpoint(directory: str | os.PathLike[str], config):
         path = folder / name
         if not path.is_file():
             raise TrainingError(f"checkpoint {folder} is missing {name}")
-        if _sha256(path) != manifest.get(name):
+        if sha256_file(path) != manifest.get(name):
             raise TrainingError(f"checkpoint file {path} is corrupt (SHA-256 mismatch)")
     meta = json.loads((folder / "builder.json").read_text())
     builder = ProgressiveRackBuilder(config, building_mode=meta["building_mode"])

@@ -287,9 +287,7 @@ class ProgressiveTrainer:
                 if step >= steps:
                     break
                 t_step = time.perf_counter()
-                loss, n_tok = self._step_loss(
-                    rack, item, ratio, new_idx, append, use_cache, cache_block, stage
-                )
+                loss, n_tok = self._step_loss(rack, item, ratio, use_cache, cache_block)
                 if not math.isfinite(loss.item()):
                     raise TrainingError(
                         f"loss is {loss.item()} at stage {stage} (stack {new_idx}), step {step}"
@@ -367,7 +365,7 @@ class ProgressiveTrainer:
             raise TrainingError("the dataloader yielded no batches")
         return ids
 
-    def _step_loss(self, rack, item, ratio, new_idx, append, use_cache, cache_block, stage):
+    def _step_loss(self, rack, item, ratio, use_cache, cache_block):
         dev = self.device
         if use_cache:
             bid = item
