@@ -55,9 +55,16 @@ class ProgressiveTrainer:
     """See the module docstring. ``config`` is a :class:`StackWiseConfig`."""
 
     def __init__(
-        self, config, tokenizer_ids: dict[str, int] | None = None, checkpoint_dir: str | None = None
+        self,
+        config,
+        tokenizer_ids: dict[str, int] | None = None,
+        checkpoint_dir: str | None = None,
+        callbacks: list | None = None,
     ) -> None:
         self.config = config
+        # Objects with any of on_stage_start(info), on_step(info), on_eval(info),
+        # on_stage_end(record); each gets a plain dict (see _emit's callers for the keys).
+        self.callbacks = list(callbacks or [])
         self.checkpoint_dir = checkpoint_dir
         self.training = config.training
         self.progressive = config.training.progressive
@@ -73,6 +80,17 @@ class ProgressiveTrainer:
         self.seed = self.training.seed
         self.history: list[dict[str, Any]] = []
         self.cache: CacheManager | None = None
+
+    def _emit(self, event: str, info: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(info)
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer-loop steps taken over all finished stages."""
+        return sum(int(h.get("steps", 0)) for h in self.history)
 
     # -- batches --------------------------------------------------------------------------------
 
@@ -274,6 +292,19 @@ class ProgressiveTrainer:
         opt = build_optimizer(groups, cfg.optimizer)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer, steps))
         trainable = [p for g in opt.param_groups for p in g["params"]]
+        base_step = self.global_step
+        stage_info = {
+            "stage": stage,
+            "stack_index": new_idx,
+            "n_stacks": len(rack.stacks),
+            "target_stacks": target,
+            "steps": steps,
+            "mask_ratio": ratio if prog.training_objective != "clm" else 0.0,
+            "param_groups": [g["name"] for g in opt.param_groups],
+            "cache_fill_s": cache_time,
+        }
+        self._emit("on_stage_start", stage_info)
+        eval_every = cfg.eval_every if eval_loader is not None else 0
         rack.train()
         losses: list[float] = []
         step_times: list[float] = []
@@ -302,6 +333,35 @@ class ProgressiveTrainer:
                 step_times.append(time.perf_counter() - t_step)
                 tokens += n_tok
                 step += 1
+                if self.callbacks:
+                    elapsed = time.perf_counter() - t_start
+                    self._emit(
+                        "on_step",
+                        {
+                            "stage": stage,
+                            "stack_index": new_idx,
+                            "step": step,
+                            "steps": steps,
+                            "global_step": base_step + step,
+                            "loss": losses[-1],
+                            "lr": opt.param_groups[0]["lr"],
+                            "tokens": tokens,
+                            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                            "step_ms": 1e3 * step_times[-1],
+                        },
+                    )
+                if eval_every and step % eval_every == 0 and step < steps:
+                    eval_loss = self.evaluate(rack, eval_loader, ratio)
+                    rack.train()
+                    self._emit(
+                        "on_eval",
+                        {
+                            "stage": stage,
+                            "step": step,
+                            "global_step": base_step + step,
+                            "eval_loss": eval_loss,
+                        },
+                    )
             if n_batches == 0:
                 raise TrainingError("the dataloader yielded no batches")
         wall = time.perf_counter() - t_start
@@ -323,6 +383,16 @@ class ProgressiveTrainer:
         }
         if eval_loader is not None:
             record["eval_loss"] = self.evaluate(rack, eval_loader, ratio)
+            self._emit(
+                "on_eval",
+                {
+                    "stage": stage,
+                    "step": steps,
+                    "global_step": base_step + steps,
+                    "eval_loss": record["eval_loss"],
+                },
+            )
+        self._emit("on_stage_end", record)
         return record
 
     @staticmethod

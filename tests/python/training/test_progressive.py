@@ -183,3 +183,38 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
         ProgressiveTrainer.resume(str(tmp_path), config)
     with pytest.raises(TrainingError, match="no checkpoint to resume"):
         ProgressiveTrainer.resume(str(tmp_path / "empty"), config)
+
+
+class _Recorder:
+    def __init__(self):
+        self.events = []
+
+    def on_stage_start(self, info):
+        self.events.append(("stage_start", info))
+
+    def on_step(self, info):
+        self.events.append(("step", info))
+
+    def on_eval(self, info):
+        self.events.append(("eval", info))
+
+    def on_stage_end(self, record):
+        self.events.append(("stage_end", record))
+
+
+def test_callbacks_see_every_step_eval_and_stage():
+    torch.manual_seed(0)
+    config = _config(eval_every=4, progressive={"steps_per_stack": 10})
+    rec = _Recorder()
+    trainer = ProgressiveTrainer(config=config, callbacks=[rec])
+    trainer.train_rack(
+        ProgressiveRackBuilder(config=config), _data(), target_stacks=2, eval_loader=_data(1)
+    )
+    kinds = [k for k, _ in rec.events]
+    assert kinds.count("stage_start") == 2 and kinds.count("stage_end") == 2
+    steps = [i for k, i in rec.events if k == "step"]
+    assert [s["global_step"] for s in steps] == list(range(1, 21))
+    assert all(math.isfinite(s["loss"]) and s["lr"] > 0 and s["tokens"] > 0 for s in steps)
+    evals = [(i["stage"], i["step"]) for k, i in rec.events if k == "eval"]
+    assert evals == [(0, 4), (0, 8), (0, 10), (1, 4), (1, 8), (1, 10)]
+    assert trainer.global_step == 20
