@@ -111,6 +111,42 @@ __device__ __forceinline__ bool key_allowed(const bool* mask_row, int j) {
   return mask_row == nullptr || mask_row[j];
 }
 
+using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// acc += A (16 x 16*KT) * B (16*KT x 16), operands in shared memory with leading dimensions
+// lda/ldb in the given layouts; `a`/`b` point at the first 16 x 16 fragment of each.
+template <int KT, typename T, typename LayoutA, typename LayoutB>
+__device__ __forceinline__ void mma_k(Acc& acc, const T* a, int lda, const T* b, int ldb) {
+  constexpr bool a_row = std::is_same_v<LayoutA, wmma::row_major>;
+  constexpr bool b_row = std::is_same_v<LayoutB, wmma::row_major>;
+#pragma unroll
+  for (int kt = 0; kt < KT; ++kt) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
+    wmma::load_matrix_sync(fa, a + (a_row ? kt * 16 : kt * 16 * lda), lda);
+    wmma::load_matrix_sync(fb, b + (b_row ? kt * 16 * ldb : kt * 16), ldb);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+}
+
+// Writes a warp's 16 x 16 float fragment, times `scale`, to rows [row0, row0 + 16) (those below
+// `seq`) and columns [col0, col0 + 16) of a row-major [seq, ld] tensor, through a scratch tile.
+template <typename T>
+__device__ __forceinline__ void store_fragment(const Acc& acc, float* scratch, int ld_scratch,
+                                               T* dst, int64_t ld, int row0, int col0, int seq,
+                                               float scale, int lane) {
+  wmma::store_matrix_sync(scratch, acc, ld_scratch, wmma::mem_row_major);
+  __syncwarp();
+  for (int e = lane; e < 256; e += 32) {
+    const int rr = e / 16, cc = e % 16;
+    if (row0 + rr < seq) {
+      const float val = scratch[rr * ld_scratch + cc] * scale;
+      dst[int64_t(row0 + rr) * ld + col0 + cc] = from_float<T>(val);
+    }
+  }
+  __syncwarp();
+}
+
 template <typename T, int DQK, int DV, int BM, int BN>
 struct FwdSmem {
   static constexpr int LDQ = DQK + 8, LDV = DV + 8, LDS = BN + 4, LDP = BN + 8, LDO = DV + 4;
@@ -167,16 +203,10 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_forward_kernel(FwdPara
     // S (this warp's 16 rows x BN) = Q K^T.
 #pragma unroll
     for (int nt = 0; nt < BN / 16; ++nt) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      Acc acc;
       wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kt = 0; kt < DQK / 16; ++kt) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bk;
-        wmma::load_matrix_sync(a, sQ + r0 * LDQ + kt * 16, LDQ);
-        wmma::load_matrix_sync(bk, sK + nt * 16 * LDQ + kt * 16, LDQ);
-        wmma::mma_sync(acc, a, bk, acc);
-      }
+      mma_k<DQK / 16, T, wmma::row_major, wmma::col_major>(acc, sQ + r0 * LDQ, LDQ,
+                                                           sK + nt * 16 * LDQ, LDQ);
       wmma::store_matrix_sync(sS + r0 * LDS + nt * 16, acc, LDS, wmma::mem_row_major);
     }
     __syncwarp();
@@ -221,16 +251,10 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_forward_kernel(FwdPara
     // O (16 x Dv) += P V.
 #pragma unroll
     for (int dt = 0; dt < DV / 16; ++dt) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      Acc acc;
       wmma::load_matrix_sync(acc, sO + r0 * LDO + dt * 16, LDO, wmma::mem_row_major);
-#pragma unroll
-      for (int kt = 0; kt < BN / 16; ++kt) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, sP + r0 * LDP + kt * 16, LDP);
-        wmma::load_matrix_sync(bv, sV + kt * 16 * LDV + dt * 16, LDV);
-        wmma::mma_sync(acc, a, bv, acc);
-      }
+      mma_k<BN / 16, T, wmma::row_major, wmma::row_major>(acc, sP + r0 * LDP, LDP, sV + dt * 16,
+                                                          LDV);
       wmma::store_matrix_sync(sO + r0 * LDO + dt * 16, acc, LDO, wmma::mem_row_major);
     }
     __syncwarp();
@@ -330,7 +354,7 @@ __global__ void __launch_bounds__(BN / 16 * 32) attention_backward_kernel(BwdPar
   load_rows<T, BN, DQK, LDQ>(sK, kg, p.k.ss, n0, seq, tid, kThreads);
   load_rows<T, BN, DV, LDV>(sV, vg, p.v.ss, n0, seq, tid, kThreads);
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[DQK / 16], dv[DV / 16];
+  Acc dk[DQK / 16], dv[DV / 16];
 #pragma unroll
   for (int t = 0; t < DQK / 16; ++t) wmma::fill_fragment(dk[t], 0.f);
 #pragma unroll
@@ -357,26 +381,14 @@ __global__ void __launch_bounds__(BN / 16 * 32) attention_backward_kernel(BwdPar
       // S^T (16 keys x BM queries) = K Q^T and dP^T = V dO^T.
 #pragma unroll
       for (int it = 0; it < BM / 16; ++it) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        Acc acc;
         wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-        for (int kt = 0; kt < DQK / 16; ++kt) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bq;
-          wmma::load_matrix_sync(a, sK + r0 * LDQ + kt * 16, LDQ);
-          wmma::load_matrix_sync(bq, sQ + it * 16 * LDQ + kt * 16, LDQ);
-          wmma::mma_sync(acc, a, bq, acc);
-        }
+        mma_k<DQK / 16, T, wmma::row_major, wmma::col_major>(acc, sK + r0 * LDQ, LDQ,
+                                                             sQ + it * 16 * LDQ, LDQ);
         wmma::store_matrix_sync(sST + r0 * LDF + it * 16, acc, LDF, wmma::mem_row_major);
         wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-        for (int kt = 0; kt < DV / 16; ++kt) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bo;
-          wmma::load_matrix_sync(a, sV + r0 * LDV + kt * 16, LDV);
-          wmma::load_matrix_sync(bo, sDO + it * 16 * LDV + kt * 16, LDV);
-          wmma::mma_sync(acc, a, bo, acc);
-        }
+        mma_k<DV / 16, T, wmma::row_major, wmma::col_major>(acc, sV + r0 * LDV, LDV,
+                                                            sDO + it * 16 * LDV, LDV);
         wmma::store_matrix_sync(sDPT + r0 * LDF + it * 16, acc, LDF, wmma::mem_row_major);
       }
       __syncwarp();
@@ -397,38 +409,25 @@ __global__ void __launch_bounds__(BN / 16 * 32) attention_backward_kernel(BwdPar
 
       // dV += P^T dO, dK += dS^T Q (scaled at the end).
 #pragma unroll
-      for (int kt = 0; kt < BM / 16; ++kt) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> ap, ads;
-        wmma::load_matrix_sync(ap, sPT + r0 * LDT + kt * 16, LDT);
-        wmma::load_matrix_sync(ads, sDST + r0 * LDT + kt * 16, LDT);
+      for (int dt = 0; dt < DV / 16; ++dt) {
+        mma_k<BM / 16, T, wmma::row_major, wmma::row_major>(dv[dt], sPT + r0 * LDT, LDT,
+                                                            sDO + dt * 16, LDV);
+      }
 #pragma unroll
-        for (int dt = 0; dt < DV / 16; ++dt) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bo;
-          wmma::load_matrix_sync(bo, sDO + kt * 16 * LDV + dt * 16, LDV);
-          wmma::mma_sync(dv[dt], ap, bo, dv[dt]);
-        }
-#pragma unroll
-        for (int dt = 0; dt < DQK / 16; ++dt) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bq;
-          wmma::load_matrix_sync(bq, sQ + kt * 16 * LDQ + dt * 16, LDQ);
-          wmma::mma_sync(dk[dt], ads, bq, dk[dt]);
-        }
+      for (int dt = 0; dt < DQK / 16; ++dt) {
+        mma_k<BM / 16, T, wmma::row_major, wmma::row_major>(dk[dt], sDST + r0 * LDT, LDT,
+                                                            sQ + dt * 16, LDQ);
       }
       __syncthreads();  // every warp's dS^T rows are written
 
       // dQ (BM x Dqk) += scale * dS K, fragments shared out among the warps.
       for (int f = warp; f < (BM / 16) * (DQK / 16); f += kWarps) {
         const int it = f / (DQK / 16), dt = f % (DQK / 16);
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        Acc acc;
         wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-        for (int kt = 0; kt < BN / 16; ++kt) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> ads;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bk;
-          wmma::load_matrix_sync(ads, sDST + kt * 16 * LDT + it * 16, LDT);
-          wmma::load_matrix_sync(bk, sK + kt * 16 * LDQ + dt * 16, LDQ);
-          wmma::mma_sync(acc, ads, bk, acc);
-        }
+        // dS (BM x BN) is dS^T read column-major.
+        mma_k<BN / 16, T, wmma::col_major, wmma::row_major>(acc, sDST + it * 16, LDT,
+                                                            sK + dt * 16, LDQ);
         wmma::store_matrix_sync(sX, acc, LDX, wmma::mem_row_major);
         __syncwarp();
         for (int e = lane; e < 256; e += 32) {
@@ -446,31 +445,15 @@ __global__ void __launch_bounds__(BN / 16 * 32) attention_backward_kernel(BwdPar
 
   // Epilogue: this warp's dK (scaled) and dV rows, through the scratch tile.
   const int64_t kv_base = (int64_t(b) * p.hkv + hk) * seq;
-  T* dkg = static_cast<T*>(p.dk);
-  T* dvg = static_cast<T*>(p.dv);
+  T* dkg = static_cast<T*>(p.dk) + kv_base * DQK;
+  T* dvg = static_cast<T*>(p.dv) + kv_base * DV;
 #pragma unroll
   for (int dt = 0; dt < DQK / 16; ++dt) {
-    wmma::store_matrix_sync(sX, dk[dt], LDX, wmma::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 256; e += 32) {
-      const int rr = e / 16, cc = e % 16, j = n0 + r0 + rr;
-      if (j < seq) {
-        dkg[(kv_base + j) * DQK + dt * 16 + cc] = from_float<T>(sX[rr * LDX + cc] * p.scale);
-      }
-    }
-    __syncwarp();
+    store_fragment<T>(dk[dt], sX, LDX, dkg, DQK, n0 + r0, dt * 16, seq, p.scale, lane);
   }
 #pragma unroll
   for (int dt = 0; dt < DV / 16; ++dt) {
-    wmma::store_matrix_sync(sX, dv[dt], LDX, wmma::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 256; e += 32) {
-      const int rr = e / 16, cc = e % 16, j = n0 + r0 + rr;
-      if (j < seq) {
-        dvg[(kv_base + j) * DV + dt * 16 + cc] = from_float<T>(sX[rr * LDX + cc]);
-      }
-    }
-    __syncwarp();
+    store_fragment<T>(dv[dt], sX, LDX, dvg, DV, n0 + r0, dt * 16, seq, 1.f, lane);
   }
 #else
   __trap();  // bf16/fp16 tensor-core fragments need sm_80 or newer
