@@ -502,7 +502,7 @@ class FusionTrainer(SegmentTrainer):
     ) -> torch.optim.Optimizer:
         """The optimizer of one fusion step: ``current_block`` (block ``current_block_idx`` of
         ``trainable_blocks``; lr ``training.learning_rate``), ``qlora_backbone`` (the LoRA
-        adapters of the other blocks when ``qlora_enabled``, attached there if missing; lr
+        adapters of the blocks before it when ``qlora_enabled``, attached if missing; lr
         ``training.qlora.lr``), ``head`` (final norm, untied LM head) and, with block 0,
         ``embeddings``. Sets ``requires_grad`` to match: everything else is frozen."""
         blocks = list(trainable_blocks)
@@ -514,7 +514,7 @@ class FusionTrainer(SegmentTrainer):
         for p in model.parameters():
             p.requires_grad_(False)
         current = blocks[current_block_idx]
-        backbone = [b for i, b in enumerate(blocks) if i != current_block_idx]
+        backbone = blocks[:current_block_idx]  # later blocks do not run: untouched
         if self.dual_lora:
             if not any(isinstance(m, QLoRAAdapter) for m in current.modules()):
                 self._wrap_with_lora(current, None)
@@ -568,13 +568,15 @@ class FusionTrainer(SegmentTrainer):
     # -- training -------------------------------------------------------------------------------
 
     def _loader(self, dataloader):
-        loader = dataloader if dataloader is not None else self.dataloader
-        if loader is None:
-            raise TrainingError(
-                "no dataloader: pass one to FusionTrainer(config, dataloader=...) or to the "
-                "train method"
-            )
-        return loader
+        """The loader given to the method, else the constructor's, else the training loader of
+        the config's corpus (:func:`stackwise.data.create_data_loaders`)."""
+        if dataloader is not None:
+            return dataloader
+        if self.dataloader is None:
+            from stackwise.data import create_data_loaders
+
+            self.dataloader = create_data_loaders(self.config)[0]
+        return self.dataloader
 
     def _train_blocks(self, dataloader, trainable: bool) -> dict[str, Any]:
         loader = self._loader(dataloader)
