@@ -328,18 +328,15 @@ class FusionTrainer(SegmentTrainer):
             else bool(cache_activations)
         )
         self.backbone_precision = canonical_precision(config.training.quantization_type)
-        self._model = None
-        self.blocks: list[Stack] = []
-        self.retired: list[bool] = []
-        if model is not None:
-            self.set_model(model)
+        self._model: Rack | None = None
+        self.blocks: list[Stack] = []  # the fusion blocks, in order
+        self.retired: list[bool] = []  # whether each block is part of the backbone
+        self.set_model(model)
 
     # -- the model ------------------------------------------------------------------------------
 
     @property
     def model(self) -> Rack:
-        if self._model is None:
-            self.set_model(None)
         return self._model
 
     def _wrap_layers(self, layers) -> Rack:
