@@ -22,8 +22,10 @@ The embeddings train with the unit that holds block 0 (unless ``freeze_embedding
 frozen afterwards, so the cached activations of later units stay valid; the final norm (and an
 untied LM head) train with every unit. Each unit takes ``max_steps`` optimizer steps when given,
 else ``training.max_steps`` split evenly over the units of :meth:`train` (all of it for a single
-call), else one pass over the loader. See :mod:`stackwise.training.loop` for the loop itself
-(batches, objectives, gradient accumulation, the cache) and the record each unit returns.
+call), else one pass over the loader. Each unit starts by seeding torch with ``training.seed``
+plus its first block index, so its dropout is reproducible on its own. See
+:mod:`stackwise.training.loop` for the loop itself (batches, objectives, gradient accumulation,
+the cache) and the record each unit returns.
 """
 
 from __future__ import annotations
@@ -244,7 +246,9 @@ class Trainer(SegmentTrainer):
         if self.mode == "fused":
             from stackwise.training.core.fusion_trainer import FusionTrainer
 
-            fusion = FusionTrainer(self.config, model=self.rack, dataloader=dataloader)
+            fusion = FusionTrainer(
+                self.config, model=self.rack, dataloader=dataloader, steps_per_block=max_steps
+            )
             out = fusion.train()
             self.history.extend(fusion.history)
             return {**out, "rack": self.rack}

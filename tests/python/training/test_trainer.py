@@ -179,3 +179,13 @@ def test_errors():
     config.training.mode = "sideways"
     with pytest.raises(ConfigurationError, match="training.mode: 'sideways' is not one of"):
         Trainer(config)
+
+
+def test_fused_mode_delegates_to_the_fusion_trainer(tmp_path):
+    config = _config(max_steps=4, block_size=2, checkpointing={"dir": str(tmp_path)})
+    config.training.mode = "fused"
+    trainer = Trainer(config)
+    res = trainer.train(None, _data(2), max_steps=2)
+    assert [r["label"] for r in res["history"]] == ["fusion block 0", "fusion block 1"]
+    assert res["rack"] is trainer.rack and len(trainer.history) == 2
+    assert (tmp_path / "backups" / res["run_id"] / "metadata.json").is_file()

@@ -278,7 +278,8 @@ class FusionTrainer(SegmentTrainer):
             rack of ``training.total_blocks`` blocks of ``training.block_size`` layers built from
             ``config.model`` (seeded with ``training.seed``). The blocks are groups of
             ``block_size`` consecutive layers of the model.
-        dataloader: the default loader of the ``train*`` methods.
+        dataloader: the default loader of the ``train*`` methods; without one anywhere, the
+            training loader of the config's corpus (:func:`stackwise.data.create_data_loaders`).
         run_id: names the weight backup folder; default ``training.run_id`` or a new id.
         backup_dir: folder holding the run folders; default ``<checkpointing.dir>/backups``.
         backup_precision: precision of the disk backups ("fp32", "fp16" or "bf16").
@@ -468,8 +469,10 @@ class FusionTrainer(SegmentTrainer):
         )
 
     def restore_full_precision_blocks(self, block_indices=None, run_id: str | None = None) -> None:
-        """Undo the conversion of backbone blocks: their quantized layers and adapters become
-        ``nn.Linear`` s again holding the backed-up weights (trainable afterwards)."""
+        """Undo the conversion of backbone blocks (default: every retired one): their quantized
+        layers and adapters become ``nn.Linear`` s again holding the backed-up weights, and
+        train again. What backbone adapters learned after the backup is not part of it: merge
+        them first (:meth:`QLoRAAdapter.merge`) and save a new backup to keep it."""
         indices = (
             [i for i, r in enumerate(self.retired) if r]
             if block_indices is None
@@ -480,7 +483,9 @@ class FusionTrainer(SegmentTrainer):
             block = self.blocks[idx]
             for name, m in list(block.named_modules()):
                 if isinstance(m, (QLoRAAdapter, QuantizedLinear)):
-                    lin = nn.Linear(m.in_features, m.out_features, bias=False)
+                    base = m.base_layer if isinstance(m, QLoRAAdapter) else m
+                    has_bias = getattr(base, "bias", None) is not None
+                    lin = nn.Linear(m.in_features, m.out_features, bias=has_bias)
                     parent_name, _, attr = name.rpartition(".")
                     parent = block.get_submodule(parent_name) if parent_name else block
                     setattr(parent, attr, lin)
