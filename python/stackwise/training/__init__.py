@@ -1,9 +1,11 @@
-"""Training: the progressive rack builder and trainer, and strategies (quantization, masking,
-caching)."""
+"""Training: the progressive rack builder and trainer, the hierarchical :class:`Trainer`, the
+:class:`FusionTrainer`, and strategies (quantization, masking, caching)."""
 
 from __future__ import annotations
 
+from stackwise.training.core.fusion_trainer import FusionTrainer
 from stackwise.training.progressive import ProgressiveTrainer
 from stackwise.training.rack_builder import ProgressiveRackBuilder
+from stackwise.training.trainer import Trainer
 
-__all__ = ["ProgressiveRackBuilder", "ProgressiveTrainer"]
+__all__ = ["FusionTrainer", "ProgressiveRackBuilder", "ProgressiveTrainer", "Trainer"]
