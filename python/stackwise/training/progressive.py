@@ -437,6 +437,7 @@ class ProgressiveTrainer:
             "steps": steps,
             "mask_ratio": record_ratio,
             "param_groups": [g["name"] for g in opt.param_groups],
+            "group_lr": {g["name"]: g["initial_lr"] for g in opt.param_groups},
             "cache_fill_s": cache_time,
             "start_step": start,
         }
