@@ -226,3 +226,19 @@ def test_errors(tmp_path):
     config.training.fusion_mode = "melted"
     with pytest.raises(ConfigurationError, match="training.fusion_mode: 'melted' is not one of"):
         FusionTrainer(config)
+
+
+def test_qlora_optimizer_adapts_a_backbone_converted_frozen(tmp_path):
+    config = _fusion_config(tmp_path, max_steps=3, quantization_type="int8")
+    trainer = FusionTrainer(config, dataloader=_data(1))
+    trainer.train_with_frozen_backbone()
+    packed = trainer.blocks[0].blocks[0].attn.q_proj.qweight.clone()
+    optimizer = trainer._setup_fusion_optimizer(trainer.blocks, True, 2)
+    assert [g["name"] for g in optimizer.param_groups] == [
+        "current_block",
+        "qlora_backbone",
+        "head",
+    ]
+    adapter = trainer.blocks[0].blocks[0].attn.q_proj
+    assert isinstance(adapter, QLoRAAdapter) and adapter.base_layer.precision == "int8"
+    assert torch.equal(adapter.base_layer.qweight, packed)  # wrapped as it was, not requantized

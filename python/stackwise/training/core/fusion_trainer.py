@@ -248,14 +248,17 @@ def load_peft_adapters(model: nn.Module, directory: str | os.PathLike[str]) -> N
 FUSION_MODES = {"frozen": "frozen", "trainable": "trainable", "qlora": "trainable"}
 
 
-def _linear_children(
-    module: nn.Module, skip_up_proj: bool
-) -> list[tuple[nn.Module, str, nn.Linear]]:
+def _linear_children(module: nn.Module, skip_up_proj: bool) -> list[tuple[nn.Module, str, Any]]:
+    """``(parent, attribute, layer)`` of each nn.Linear / QuantizedLinear not yet adapted."""
     out = []
     for name, child in list(module.named_modules()):
-        if isinstance(child, nn.Linear) and not (skip_up_proj and name.endswith("up_proj")):
-            parent_name, _, attr = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
+        if not isinstance(child, (nn.Linear, QuantizedLinear)):
+            continue
+        if skip_up_proj and name.endswith("up_proj"):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        if not isinstance(parent, QLoRAAdapter):
             out.append((parent, attr, child))
     return out
 
@@ -531,16 +534,13 @@ class FusionTrainer(SegmentTrainer):
             current_params = list(current.parameters())
         backbone_params = []
         if qlora_enabled:
+            target = None if self.backbone_precision == "fp32" else self.backbone_precision
             for b in backbone:
-                if not _adapter_params(b):
-                    idx = self._block_index(b, -1)
-                    if idx >= 0:
-                        self.retire_block(idx, trainable=True)
-                    else:
-                        self._wrap_with_lora(
-                            b,
-                            None if self.backbone_precision == "fp32" else self.backbone_precision,
-                        )
+                idx = self._block_index(b, -1)
+                if idx >= 0:
+                    self.retire_block(idx, trainable=True)  # backed up, then adapted
+                if not _adapter_params(b):  # a foreign block, or one retired frozen
+                    self._wrap_with_lora(b, target)
                 backbone_params += _adapter_params(b)
         first = self._block_index(current, current_block_idx) == 0
         table = model.lexical.get_embeddings().table.weight
