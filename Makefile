@@ -56,7 +56,8 @@ info: build
 
 # The GPU machine has no network: torch, cmake, ninja, pybind11 and pytest are preinstalled for
 # its system Python. CUDA must build there (STACKWISE_BUILD_CUDA=1); every test runs, the CUDA
-# ones included, then the GPU benchmarks write their JSON to bench/results/gpu/.
+# ones included, then the GPU benchmarks write their JSON to bench/results/gpu/ (report.json:
+# attention vs SDPA-flash, RMSNorm/RoPE/SwiGLU vs the measured copy bandwidth, the ceilings).
 gpu-test:
 	PIP_BREAK_SYSTEM_PACKAGES=1 STACKWISE_BUILD_DIR=$(GPU_BUILD_DIR) STACKWISE_BUILD_CUDA=1 \
 	  $(PYTHON) -m pip install --no-build-isolation --no-deps --no-index -e .
@@ -68,6 +69,7 @@ gpu-test:
 	$(PYTHON) -m pytest tests/python -rs
 	$(PYTHON) bench/ops_swiglu.py --device cuda --json bench/results/gpu/ops_swiglu.json
 	$(PYTHON) bench/ops_quant.py --device cuda --json bench/results/gpu/ops_quant.json
+	$(PYTHON) bench/gpu_report.py --json bench/results/gpu/report.json
 
 bench: build
 	$(VPY) bench/ops_swiglu.py --device cpu

@@ -3,10 +3,12 @@
 // host-side helpers: build information, the CPU ISA in use, CRC-32C over Python buffers, and the
 // activation-cache store (its class in cache_store.cpp, registered here).
 #include <pybind11/pybind11.h>
+#include <torch/python.h>
 
 #include <cstdint>
 
 #include "cpu_isa.h"
+#include "linear_attention_chunked.h"
 #include "stackwise/build_info.h"
 #include "stackwise/crc32c.h"
 
@@ -60,5 +62,13 @@ PYBIND11_MODULE(_C, m) {
         "CRC-32C (Castagnoli) of a contiguous buffer, continuing from `crc`.");
   m.def("crc32c_hardware_accelerated", &stackwise::core::crc32c_hardware_accelerated,
         "True when the SSE4.2 crc32 instruction is used.");
+  // The device-generic chunked linear attention that the CUDA dispatch runs, callable on CPU
+  // tensors so the tests check its math without a GPU.
+  m.def("_linear_attention_chunked", &stackwise::linear_attention_chunked, py::arg("phi_q"),
+        py::arg("phi_k"), py::arg("v"), py::arg("causal"), py::arg("eps"),
+        py::arg("chunk") = stackwise::kLinearAttentionChunk);
+  m.def("_linear_attention_chunked_backward", &stackwise::linear_attention_chunked_backward,
+        py::arg("grad_out"), py::arg("phi_q"), py::arg("phi_k"), py::arg("v"), py::arg("causal"),
+        py::arg("eps"), py::arg("chunk") = stackwise::kLinearAttentionChunk);
   stackwise::cache::register_cache_store(m);
 }

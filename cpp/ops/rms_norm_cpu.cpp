@@ -14,40 +14,24 @@
 #include <tuple>
 
 #include "cpu_alloc.h"
+#include "norm_rope_checks.h"
 #include "norm_rope_kernels.h"
 #include "stackwise/checks.h"
 
 namespace stackwise {
 namespace {
 
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_rms_norm_inputs(const at::Tensor& x, const at::Tensor& weight, const char* op) {
-  check_float_tensor(x, op, "x");
-  check_device_type(x, at::kCPU, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension (features last), got ",
-                    "a 0-d tensor");
-  TORCH_CHECK_VALUE(x.size(-1) > 0, op, ": x's last (feature) dimension must be non-empty, got ",
-                    "shape ", x.sizes());
-  check_float_tensor(weight, op, "weight");
-  TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(),
-              " but x is on ", x.device(), "; both must be on the same device");
-  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(-1), op,
-                    ": weight must have shape [", x.size(-1), "] (x's last dimension), got ",
-                    weight.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                 double eps) {
   check_rms_norm_inputs(x, weight, "rms_norm");
+  check_device_type(x, at::kCPU, "rms_norm", "x");
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "rms_norm: eps must be finite and >= 0, got ",
                     eps);
   const at::Tensor xc = x.contiguous();
-  const at::Tensor w = weight.to(acc_dtype(x)).contiguous();
+  const at::Tensor w = weight.to(rms_norm_acc_dtype(x)).contiguous();
   at::Tensor out = cpu::empty_output(xc.sizes(), xc.options());
-  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc_dtype(x)));
+  at::Tensor rstd =
+      at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(rms_norm_acc_dtype(x)));
   if (xc.numel() > 0) STACKWISE_CPU_DISPATCH(rms_norm_forward_kernel, xc, w, eps, out, rstd);
   return {out, rstd};
 }
@@ -58,21 +42,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& rstd) {
   const char* op = "rms_norm_backward";
   check_rms_norm_inputs(x, weight, op);
-  check_like(x, "x", grad_out, "grad_out", op);
-  TORCH_CHECK(rstd.defined(), op, ": rstd is an undefined tensor");
-  TORCH_CHECK(rstd.device() == x.device(), op, ": rstd is on ", rstd.device(), " but x is on ",
-              x.device(), "; both must be on the same device");
-  TORCH_CHECK_TYPE(rstd.scalar_type() == acc_dtype(x), op, ": rstd must have dtype ",
-                   acc_dtype(x), " (x's accumulation type), got ", rstd.scalar_type());
-  TORCH_CHECK_VALUE(rstd.sizes() == x.sizes().slice(0, x.dim() - 1), op, ": rstd must have shape ",
-                    x.sizes().slice(0, x.dim() - 1), " (x's leading dimensions), got ",
-                    rstd.sizes());
+  check_device_type(x, at::kCPU, op, "x");
+  check_rms_norm_saved(grad_out, x, rstd, op);
   const at::Tensor dy = grad_out.contiguous();
   const at::Tensor xc = x.contiguous();
-  const at::Tensor w = weight.to(acc_dtype(x)).contiguous();
+  const at::Tensor w = weight.to(rms_norm_acc_dtype(x)).contiguous();
   const at::Tensor rs = rstd.contiguous();
   at::Tensor grad_x = cpu::empty_output(xc.sizes(), xc.options());
-  at::Tensor grad_w = at::empty({x.size(-1)}, x.options().dtype(acc_dtype(x)));
+  at::Tensor grad_w = at::empty({x.size(-1)}, x.options().dtype(rms_norm_acc_dtype(x)));
   if (xc.numel() > 0) {
     STACKWISE_CPU_DISPATCH(rms_norm_backward_kernel, dy, xc, w, rs, grad_x, grad_w);
   } else {

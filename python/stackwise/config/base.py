@@ -147,7 +147,9 @@ class ProgressiveConfig:
 class QLoRAConfig:
     """LoRA adapters on quantized trunk layers. With ``progressive_rank``, the adapter of the
     stack k places from the newest gets rank max(min_rank, rank * rank_decay**k) (alpha scaled
-    the same way)."""
+    the same way). ``new_stack_lora`` (dual-LoRA) also puts a LoRA of ``rank``/``alpha`` on the
+    stack being trained, in its own optimizer group at ``lr``; it is merged into the stack's
+    weights when the stack joins the trunk."""
 
     rank: int = 16
     alpha: float = 32.0
@@ -156,6 +158,7 @@ class QLoRAConfig:
     progressive_rank: bool = False
     rank_decay: float = 0.5
     min_rank: int = 4
+    new_stack_lora: bool = False
 
 
 @dataclass

@@ -178,6 +178,12 @@ def _check_training(c: _Checker, t, model) -> None:
     c.positive("training.progressive.epochs_per_stack", p.epochs_per_stack)
     if p.steps_per_stack is not None:
         c.positive("training.progressive.steps_per_stack", p.steps_per_stack)
+    if p.time_interpretation == "input" and p.training_objective == "clm":
+        c.fail(
+            "training.progressive.time_interpretation",
+            "'input' draws a noise level per sample and masks the input at it: use the "
+            "'diffusion' or 'mlm' objective, or time_interpretation 'depth'",
+        )
     if p.target_stacks > model.architecture.n_stacks > 0:
         c.fail(
             "training.progressive.target_stacks",
@@ -202,7 +208,7 @@ def _check_training(c: _Checker, t, model) -> None:
             "masked input: use 'diffusion' or 'mlm', or set training.time_step_masking: false",
         )
     q = t.qlora
-    if t.qlora_enabled or p.trunk_strategy == "qlora":
+    if t.qlora_enabled or p.trunk_strategy == "qlora" or q.new_stack_lora:
         c.positive("training.qlora.rank", q.rank)
         c.positive("training.qlora.alpha", q.alpha)
         c.positive("training.qlora.lr", q.lr)

@@ -6,6 +6,13 @@
                                                              #   stack and the final hidden
     h = rack.forward_from(boundaries[1], start_stack=1)      # re-run from a cached boundary
 
+A rack built with ``time_embedding=True`` (masked diffusion with the noise level given as input,
+``training.progressive.time_interpretation: input``) adds a learned embedding of the noise level
+t in [0, 1] to every token embedding: ``rack(input_ids, time=t)`` with t a float tensor [B].
+The embedding is sinusoidal features of t (Vaswani et al. 2017, §3.5, as in DDPM's time
+embedding, Ho et al. 2020) through a two-layer SiLU MLP whose output layer starts at zero, so a
+new embedding changes nothing until it trains.
+
 ``save_rack`` / ``load_rack`` store weights as safetensors and the config as YAML, with a
 manifest of SHA-256 digests checked on load (no pickled objects).
 """
@@ -14,9 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from stackwise._io import atomic_write_bytes, sha256_file
@@ -85,11 +94,39 @@ class Stack(nn.Module):
         return len(self.blocks)
 
 
+class TimeEmbedding(nn.Module):
+    """Noise level t [B] (floats in [0, 1]) -> [B, d_model]: ``n_features`` sinusoidal features
+    of 1000·t (periods up to 10^4, the DDPM convention), then Linear -> SiLU -> Linear."""
+
+    def __init__(self, d_model: int, n_features: int = 64, max_period: float = 10000.0) -> None:
+        super().__init__()
+        if n_features < 2 or n_features % 2:
+            raise ModelError(f"n_features must be an even number >= 2, got {n_features}")
+        half = n_features // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_features, d_model), nn.SiLU(), nn.Linear(d_model, d_model)
+        )
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        if t.dim() != 1:
+            raise ModelError(f"time must be a [B] tensor of noise levels, got {tuple(t.shape)}")
+        angles = 1000.0 * t.float().reshape(-1, 1) * self.freqs.to(t.device)
+        return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
+
+
 class Rack(nn.Module):
-    """Embeddings + stacks + final norm + LM head."""
+    """Embeddings + stacks + final norm + LM head (+ an optional :class:`TimeEmbedding`)."""
 
     def __init__(
-        self, config, stacks: list[Stack] | None = None, lexical: LexicalKernelManager | None = None
+        self,
+        config,
+        stacks: list[Stack] | None = None,
+        lexical: LexicalKernelManager | None = None,
+        time_embedding: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -108,6 +145,7 @@ class Rack(nn.Module):
         if not config.use_rope and config.attention_type != "mla":
             self.position = nn.Embedding(config.max_seq_len, config.d_model)
             nn.init.normal_(self.position.weight, std=0.01)
+        self.time_embedding = TimeEmbedding(config.d_model) if time_embedding else None
         self.stacks = nn.ModuleList(stacks or [])
         self.final_norm = (
             RMSNorm(config.d_model, config.norm_eps)
@@ -116,7 +154,7 @@ class Rack(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, config, n_stacks: int | None = None) -> Rack:
+    def from_config(cls, config, n_stacks: int | None = None, time_embedding: bool = False) -> Rack:
         """A rack with ``n_stacks`` (default ``architecture.n_stacks``) stacks of
         ``architecture.blocks_per_stack`` blocks."""
         arch = config.architecture
@@ -126,11 +164,13 @@ class Rack(nn.Module):
             Stack(layers[i * arch.blocks_per_stack : (i + 1) * arch.blocks_per_stack])
             for i in range(n)
         ]
-        return cls(config, stacks)
+        return cls(config, stacks, time_embedding=time_embedding)
 
     # -- forward ------------------------------------------------------------------------------
 
-    def embed(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, time: Tensor | None = None) -> Tensor:
+        """Token (+ position) embeddings [B, S, d_model]; with a time embedding, plus the
+        embedding of the noise level ``time`` [B] on every position."""
         if input_ids.dim() != 2:
             raise ModelError(f"input_ids must be [B, S], got {tuple(input_ids.shape)}")
         if input_ids.shape[1] > self.config.max_seq_len:
@@ -141,18 +181,33 @@ class Rack(nn.Module):
         h = self.lexical.get_embeddings()(input_ids)
         if self.position is not None:
             h = h + self.position.weight[: input_ids.shape[1]]
+        if self.time_embedding is not None:
+            if time is None:
+                raise ModelError("this rack has a time embedding: pass time=[B] noise levels")
+            if time.shape != (input_ids.shape[0],):
+                raise ModelError(
+                    f"time must have shape [{input_ids.shape[0]}], got {tuple(time.shape)}"
+                )
+            h = h + self.time_embedding(time.to(h.device)).to(h.dtype)[:, None, :]
+        elif time is not None:
+            raise ModelError("time given, but this rack has no time embedding")
         return h
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lexical.get_lm_head()(self.final_norm(hidden))
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, return_hidden: bool = False
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        return_hidden: bool = False,
+        time: Tensor | None = None,
     ):
         """Logits [B, S, vocab]; with ``return_hidden`` also the list of boundary activations
-        (entering stack 0, 1, ... and after the last stack)."""
+        (entering stack 0, 1, ... and after the last stack). ``time``: noise levels [B], for a
+        rack with a time embedding."""
         mask = attention_mask.bool() if attention_mask is not None else None
-        h = self.embed(input_ids)
+        h = self.embed(input_ids, time)
         boundaries = [h]
         for stack in self.stacks:
             h = stack(h, mask)
@@ -244,9 +299,18 @@ def load_rack(directory: str | os.PathLike[str]) -> Rack:
     cfg = _schema.from_dict(
         ModelConfig, _schema.yaml_load((src / "config.yaml").read_text()), "model"
     )
-    rack = Rack.from_config(cfg)
-    rack.load_state_dict(load_file(str(src / "model.safetensors")))
+    state = load_file(str(src / "model.safetensors"))
+    rack = Rack.from_config(cfg, time_embedding=any(k.startswith("time_embedding.") for k in state))
+    rack.load_state_dict(state)
     return rack
 
 
-__all__ = ["Block", "Rack", "Stack", "create_gpt2_model", "load_rack", "save_rack"]
+__all__ = [
+    "Block",
+    "Rack",
+    "Stack",
+    "TimeEmbedding",
+    "create_gpt2_model",
+    "load_rack",
+    "save_rack",
+]

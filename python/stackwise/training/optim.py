@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules from :class:`OptimizerConfig`: AdamW / Adam / SGD over
 named parameter groups, linear warmup then cosine, linear or constant decay to
-``min_lr_ratio`` of the peak."""
+``min_lr_ratio`` of the peak; an optimizer's state as safetensors-ready tensors plus JSON (for
+checkpoints that hold no pickled objects)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,37 @@ def clip_gradients(params, max_norm: float) -> float:
     if max_norm > 0:
         return float(nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+
+def optimizer_state_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """An optimizer's ``state_dict`` as ``(tensors, meta)``: every state tensor under
+    ``"state.<param index>.<key>"`` (for safetensors) and the rest (param groups, non-tensor
+    state) as JSON-ready data. :func:`optimizer_state_from_tensors` inverts it exactly."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, meta
+
+
+def optimizer_state_from_tensors(tensors: dict, meta: dict) -> dict:
+    """The ``state_dict`` saved by :func:`optimizer_state_to_tensors`."""
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in meta.get("scalars", {}).items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}

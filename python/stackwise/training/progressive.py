@@ -1,30 +1,47 @@
 """``ProgressiveTrainer``: trains a rack stack by stack.
 
-    trainer = ProgressiveTrainer(config=config)
-    results = trainer.train_rack(rack_builder, dataloader, target_stacks=3)
+    trainer = ProgressiveTrainer(config=config, checkpoint_dir="ckpt")
+    results = trainer.train_rack(rack_builder, dataloader, target_stacks=3, resume=True)
 
 - **append** (left to right): stack s trains on top of the frozen trunk (stacks 0..s-1). The
   trunk's output for each batch is computed once, stored in the :class:`CacheManager`, and read
   back for every step of the stage, so the trunk is not recomputed. With a ``qlora`` trunk the
   trunk's LoRA adapters train too, so the cache holds the trunk's *input* (the embeddings) and the
-  trunk runs with gradients flowing into the adapters only. Embeddings train with stack 0 and are
-  frozen afterwards (cached activations stay valid); the final norm and head train at every stage.
+  trunk runs with gradients flowing into the adapters only. Embeddings (and a time embedding)
+  train with stack 0 and are frozen afterwards (cached activations stay valid); the final norm
+  and head train at every stage.
 - **prepend** (right to left, depth as time): stack 0 trains with the head at the lowest mask
   ratio; each new stack is inserted on the left and trained at a higher ratio through the frozen
   suffix and head; the (frozen) embeddings of the corrupted input are what is cached.
 
 Objectives (``training.progressive.training_objective``): ``clm`` (next token), ``mlm`` (80/10/10
 corruption at the stage's ratio) and ``diffusion`` (absorbing-mask corruption at the stage's
-ratio r_k from the :class:`MaskScheduler`, highest on the left in prepend mode). Masks depend on
+ratio r_k from the :class:`MaskScheduler`, highest on the left in prepend mode). With
+``time_interpretation: input`` each sample instead draws its noise level t ~ U(min_fraction,
+max_fraction), is masked at t, and the rack's time embedding is told t. Masks and t depend on
 (sample id, ratio, seed) only.
 
+Optimizer groups: ``current_stack``, ``current_stack_lora`` (dual-LoRA, at ``qlora.lr``),
+``head``, ``embeddings`` and ``time_embedding`` (stage 0), ``qlora_trunk`` (every trunk adapter,
+at ``qlora.lr``). A step is one optimizer step over ``optimizer.grad_accumulation``
+micro-batches, each micro-batch's mean loss weighted by its share of the step's target tokens
+(so k micro-batches of B/k give the gradient of one batch of B). ``training.autocast`` runs
+forward passes under bf16 autocast; ``training.seed`` seeds torch, ``random`` and numpy when a
+fresh trainer first trains; ``training.max_steps`` (> 0) caps the steps of all stages together.
+
+Checkpoints (with ``checkpoint_dir`` and ``training.checkpointing.enabled``): at each stage's end
+and every ``checkpointing.every_steps`` global steps; :meth:`resume` or ``train_rack(...,
+resume=True)`` continues from the newest one exactly: same batches, masks, RNG draws, optimizer
+and LR state, so the losses and weights match a run that was never interrupted.
+
 A batch is a LongTensor [B, S] of token ids or a dict with ``input_ids`` and optionally
-``attention_mask`` (True = real token), ``labels`` and ``sample_id``.
+``attention_mask`` (True = real token), ``labels`` and ``sample_id`` (see ``batches.py``).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import resource
 import time
 from typing import Any
@@ -32,7 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stackwise.exceptions import TrainingError
+from stackwise.exceptions import ConfigurationError, TrainingError
+from stackwise.training.batches import CachedSource, LoaderSource, check_loader, parse_batch
 from stackwise.training.optim import build_optimizer, clip_gradients, lr_lambda
 from stackwise.training.rack_builder import ProgressiveRackBuilder
 from stackwise.training.strategies.caching import CacheManager
@@ -41,6 +59,7 @@ from stackwise.training.strategies.masking import (
     clm_labels,
     diffusion_corrupt,
     mlm_corrupt,
+    sample_noise_levels,
     token_loss,
 )
 
@@ -68,6 +87,15 @@ class ProgressiveTrainer:
         self.checkpoint_dir = checkpoint_dir
         self.training = config.training
         self.progressive = config.training.progressive
+        if (
+            self.progressive.time_interpretation == "input"
+            and self.progressive.training_objective == "clm"
+        ):
+            raise ConfigurationError(
+                "'input' masks each sample at its own noise level: use the 'diffusion' or "
+                "'mlm' objective",
+                "training.progressive.time_interpretation",
+            )
         dev = self.training.device
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,6 +108,8 @@ class ProgressiveTrainer:
         self.seed = self.training.seed
         self.history: list[dict[str, Any]] = []
         self.cache: CacheManager | None = None
+        self._seeded = False  # training.seed applied (or RNG restored from a checkpoint)
+        self._resume: dict[str, Any] | None = None  # set by checkpoint.load_checkpoint_into
 
     def _emit(self, event: str, info: dict[str, Any]) -> None:
         for cb in self.callbacks:
@@ -89,50 +119,50 @@ class ProgressiveTrainer:
 
     @property
     def global_step(self) -> int:
-        """Optimizer-loop steps taken over all finished stages."""
+        """Optimizer steps taken over all finished stages."""
         return sum(int(h.get("steps", 0)) for h in self.history)
+
+    @property
+    def input_time(self) -> bool:
+        return self.progressive.time_interpretation == "input"
+
+    def _seed_everything(self) -> None:
+        torch.manual_seed(self.seed)  # CPU and every CUDA device
+        random.seed(self.seed)
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        np.random.seed(self.seed % 2**32)
+
+    def _autocast(self):
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.training.autocast
+        )
 
     # -- batches --------------------------------------------------------------------------------
 
     def _parse(self, batch, batch_idx: int) -> dict[str, Tensor]:
-        if isinstance(batch, Tensor):
-            batch = {"input_ids": batch}
-        if not isinstance(batch, dict) or "input_ids" not in batch:
-            raise TrainingError(
-                f"a batch must be a LongTensor [B, S] or a dict with 'input_ids', got "
-                f"{type(batch).__name__}"
-            )
-        ids = batch["input_ids"]
-        if (
-            not isinstance(ids, Tensor)
-            or ids.dim() != 2
-            or ids.dtype not in (torch.int64, torch.int32)
-        ):
-            raise TrainingError(
-                f"input_ids must be an integer tensor [B, S], got "
-                f"{getattr(ids, 'shape', type(ids))}"
-            )
-        b, s = ids.shape
-        mask = batch.get("attention_mask")
-        sid = batch.get("sample_id")
-        if sid is None:
-            sid = torch.arange(b) + batch_idx * b
-        return {
-            "input_ids": ids.long(),
-            "attention_mask": None if mask is None else mask.bool(),
-            "labels": batch.get("labels"),
-            "sample_id": torch.as_tensor(sid).long(),
-        }
+        m = self.config.model
+        return parse_batch(batch, batch_idx, m.vocab_size, m.max_seq_len)
 
-    def _corrupt(self, parsed: dict[str, Tensor], ratio: float) -> tuple[Tensor, Tensor]:
+    def _corrupt(self, parsed: dict[str, Tensor], ratio: float):
+        """``(inputs, labels, time)``; ``time`` is the per-sample noise level [B] with
+        ``time_interpretation: input`` (which replaces ``ratio``), else None."""
         ids, attn = parsed["input_ids"], parsed["attention_mask"]
         objective = self.progressive.training_objective
         if objective == "clm":
             labels = parsed["labels"] if parsed["labels"] is not None else clm_labels(ids, attn)
-            return ids, labels
+            return ids, labels, None
         masking = self.training.masking
+        t = None
+        if self.input_time:
+            t = sample_noise_levels(
+                parsed["sample_id"], self.seed, masking.min_fraction, masking.max_fraction
+            )
+            ratio = t
         if objective == "mlm":
-            return mlm_corrupt(
+            inputs, labels = mlm_corrupt(
                 ids,
                 parsed["sample_id"],
                 ratio,
@@ -144,19 +174,24 @@ class ProgressiveTrainer:
                 mask_prob=masking.mask_token_prob,
                 random_prob=masking.random_token_prob,
             )
-        return diffusion_corrupt(
-            ids,
-            parsed["sample_id"],
-            ratio,
-            seed=self.seed,
-            mask_token_id=self.mask_token_id,
-            special_ids=self.special_ids,
-            attention_mask=attn,
-        )
+        else:
+            inputs, labels = diffusion_corrupt(
+                ids,
+                parsed["sample_id"],
+                ratio,
+                seed=self.seed,
+                mask_token_id=self.mask_token_id,
+                special_ids=self.special_ids,
+                attention_mask=attn,
+            )
+        return inputs, labels, t
 
     def stage_ratio(self, stage: int, target: int) -> float:
-        """Mask ratio of the stack trained at ``stage`` in a rack of ``target`` stacks."""
+        """Mask ratio of the stack trained at ``stage`` in a rack of ``target`` stacks (with
+        ``time_interpretation: input``, the mean of the per-sample noise levels)."""
         m = self.training.masking
+        if self.input_time:
+            return 0.5 * (m.min_fraction + m.max_fraction)
         prepend = self.progressive.building_mode == "prepend"
         sched = MaskScheduler(m.min_fraction, m.max_fraction, m.schedule, reverse=prepend)
         position = target - 1 - stage if prepend else stage
@@ -165,13 +200,32 @@ class ProgressiveTrainer:
     # -- training -------------------------------------------------------------------------------
 
     def train_rack(
-        self, rack_builder: ProgressiveRackBuilder, dataloader, target_stacks=None, eval_loader=None
+        self,
+        rack_builder: ProgressiveRackBuilder,
+        dataloader,
+        target_stacks=None,
+        eval_loader=None,
+        resume: bool = False,
     ) -> dict[str, Any]:
         """Grow the rack to ``target_stacks`` stacks (default: the configured target), training
-        each new stack; calling again with a larger target continues from the current rack."""
+        each new stack; calling again with a larger target continues from the current rack.
+        ``resume=True``: first load the newest checkpoint of ``checkpoint_dir`` (if there is
+        one) into this trainer and the empty ``rack_builder``, and continue from it."""
         target = self.progressive.target_stacks if target_stacks is None else target_stacks
-        if not isinstance(target, int) or target < 1:
+        if isinstance(target, bool) or not isinstance(target, int) or target < 1:
             raise TrainingError(f"target_stacks must be an integer >= 1, got {target!r}")
+        check_loader(dataloader)
+        if resume:
+            from stackwise.training.checkpoint import has_checkpoint, load_checkpoint_into
+
+            if self.checkpoint_dir is None:
+                raise TrainingError("resume=True needs the trainer's checkpoint_dir")
+            fresh = not self.history and self._resume is None
+            if fresh and has_checkpoint(self.checkpoint_dir):
+                load_checkpoint_into(self.checkpoint_dir, self, rack_builder)
+        if not self._seeded:
+            self._seed_everything()
+            self._seeded = True
         if rack_builder.building_mode != self.progressive.building_mode:
             self.progressive.building_mode = rack_builder.building_mode
         rack = rack_builder.rack.to(self.device)
@@ -185,33 +239,68 @@ class ProgressiveTrainer:
                 storage_precision="as_is",
                 spill_dir=cm.spill_dir,
             )
+        n_batches = self._count(dataloader)
+        if n_batches == 0:
+            raise TrainingError("the dataloader yielded no batches")
         # Mask ratios follow the planned depth (the configured target, or more), so a rack grown
         # over several calls gets the same schedule as one grown in one call.
         plan = max(target, self.progressive.target_stacks)
+        resumed = self._resume
+        self._resume = None
+        stopped = None
+        if resumed is not None:
+            pending = resumed["in_progress"]
+            if pending is not None:  # finish the stage the checkpoint was taken in
+                stage, plan_then, steps = pending["stage"], pending["plan"], pending["steps"]
+                args = (dataloader, stage, plan_then, eval_loader, steps, n_batches, resumed)
+                self._run_stage(rack_builder, *args)
+            else:
+                from stackwise.training.batches import loader_generator
+
+                gen = loader_generator(dataloader)
+                if gen is not None and "loader.now" in resumed["extra_rng"]:
+                    gen.set_state(resumed["extra_rng"]["loader.now"])
         while rack_builder.n_stacks < target:
             stage = rack_builder.n_stacks
+            steps = self._stage_steps(n_batches, plan, stage)
+            if steps <= 0:
+                stopped = "max_steps"
+                break
             rack_builder.add_stack(precision=self._trunk_precision())
             rack.to(self.device)
-            self.history.append(
-                self._train_stage(rack_builder, dataloader, stage, plan, eval_loader)
-            )
-            if self.checkpoint_dir is not None and self.training.checkpointing.enabled:
-                from stackwise.training.checkpoint import save_stage_checkpoint
-
-                save_stage_checkpoint(self.checkpoint_dir, self, rack_builder)
+            self._run_stage(rack_builder, dataloader, stage, plan, eval_loader, steps, n_batches)
         return {
             "history": self.history,
             "final": self.history[-1] if self.history else {},
             "rack": rack,
+            "stopped": stopped,
         }
 
+    def _run_stage(self, builder, dataloader, *args) -> None:
+        """Train one stage (``_train_stage``'s arguments), record it, write its checkpoint."""
+        self.history.append(self._train_stage(builder, dataloader, *args))
+        if self.checkpoint_dir is not None and self.training.checkpointing.enabled:
+            from stackwise.training.checkpoint import save_checkpoint
+
+            gen_states = self._loader_states(dataloader)
+            save_checkpoint(self.checkpoint_dir, self, builder, extra_rng=gen_states)
+
+    @staticmethod
+    def _loader_states(dataloader) -> dict[str, Tensor]:
+        from stackwise.training.batches import loader_generator
+
+        gen = loader_generator(dataloader)
+        return {} if gen is None else {"loader.now": gen.get_state()}
+
     @classmethod
-    def resume(cls, checkpoint_dir: str, config):
-        """``(trainer, rack_builder)`` from the newest stage checkpoint in ``checkpoint_dir``;
-        ``trainer.train_rack(rack_builder, ...)`` then continues with the next stage."""
+    def resume(cls, checkpoint_dir: str, config, **kwargs):
+        """``(trainer, rack_builder)`` from the newest checkpoint in ``checkpoint_dir`` (at a
+        stage's end or within a stage); ``trainer.train_rack(rack_builder, ...)`` with the same
+        loaders continues exactly. ``kwargs`` go to the constructor (``tokenizer_ids``,
+        ``callbacks``)."""
         from stackwise.training.checkpoint import load_stage_checkpoint
 
-        return load_stage_checkpoint(checkpoint_dir, config)
+        return load_stage_checkpoint(checkpoint_dir, config, **kwargs)
 
     def _trunk_precision(self) -> str:
         if not self.training.quantization_enabled:
@@ -219,157 +308,233 @@ class ProgressiveTrainer:
         q = self.training.quantization_type
         return {"fp32": "full", "fp16": "half", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8"}.get(q, q)
 
-    def _stage_steps(self, n_batches: int, target: int) -> int:
-        p = self.progressive
+    def _stage_steps(self, n_batches: int, plan: int, stage: int) -> int:
+        """Optimizer steps of ``stage``: ``steps_per_stack``, else ``max_steps`` split over the
+        planned stages, else ``epochs_per_stack`` passes; never beyond what ``max_steps``
+        leaves."""
+        p, max_steps = self.progressive, self.training.max_steps
+        accum = self.training.optimizer.grad_accumulation
         if p.steps_per_stack:
-            return p.steps_per_stack
-        per_stage = self.training.max_steps // max(1, target) if self.training.max_steps else 0
-        return per_stage or p.epochs_per_stack * n_batches
+            steps = p.steps_per_stack
+        elif max_steps:
+            steps = max(1, max_steps * (stage + 1) // plan - max_steps * stage // plan)
+        else:
+            steps = math.ceil(p.epochs_per_stack * n_batches / accum)
+        if max_steps:
+            steps = min(steps, max_steps - self.global_step)
+        return steps
 
-    def _train_stage(self, builder, dataloader, stage: int, target: int, eval_loader) -> dict:
+    def _stage_groups(self, builder, stage: int, plan: int, new_idx: int):
+        """Freeze what does not train at this stage and return the optimizer groups."""
         rack = builder.rack
         cfg, prog = self.training, self.progressive
         append = builder.building_mode == "append"
-        new_idx = len(rack.stacks) - 1 if append else 0
         qlora = prog.trunk_strategy == "qlora"
         for i in range(len(rack.stacks)):
             if i != new_idx:
-                builder.freeze_stack(i, prog.trunk_strategy, cfg.qlora)
+                rank, alpha = builder.trunk_rank(i, plan, cfg.qlora)
+                builder.freeze_stack(i, prog.trunk_strategy, cfg.qlora, rank=rank, alpha=alpha)
         new_stack = rack.stacks[new_idx]
         for p in new_stack.parameters():
             p.requires_grad_(True)
+        lora = builder.stack_lora_parameters(new_idx)
+        lora_ids = {id(p) for p in lora}
         first = stage == 0
         emb_params = list(rack.lexical.get_embeddings().parameters())
         if rack.position is not None:
             emb_params.append(rack.position.weight)
         for p in emb_params:
             p.requires_grad_(first and p is not None and not self._frozen_table(p, rack))
+        time_params = [] if rack.time_embedding is None else list(rack.time_embedding.parameters())
+        for p in time_params:
+            p.requires_grad_(first)
         head_trains = append or first
         head_params = list(rack.final_norm.parameters())
         if not rack.lexical.tie_embeddings:
             head_params += list(rack.lexical.get_lm_head().parameters())
         for p in head_params:
             p.requires_grad_(head_trains)
+        lr = cfg.learning_rate
         groups = [
             {
                 "name": "current_stack",
-                "params": list(new_stack.parameters()),
-                "lr": cfg.learning_rate,
+                "params": [p for p in new_stack.parameters() if id(p) not in lora_ids],
+                "lr": lr,
             }
         ]
+        if lora:
+            groups.append({"name": "current_stack_lora", "params": lora, "lr": cfg.qlora.lr})
         if head_trains:
-            groups.append({"name": "head", "params": head_params, "lr": cfg.learning_rate})
+            groups.append({"name": "head", "params": head_params, "lr": lr})
         if first:
-            groups.append({"name": "embeddings", "params": emb_params, "lr": cfg.learning_rate})
+            groups.append({"name": "embeddings", "params": emb_params, "lr": lr})
+            if time_params:
+                groups.append({"name": "time_embedding", "params": time_params, "lr": lr})
         if qlora and not first:
-            groups.append(
-                {
-                    "name": "qlora_trunk",
-                    "params": builder.trunk_adapter_parameters(exclude=new_idx),
-                    "lr": cfg.qlora.lr,
-                }
-            )
+            trunk = builder.trunk_adapter_parameters(exclude=new_idx)
+            for p in trunk:
+                p.requires_grad_(True)
+            groups.append({"name": "qlora_trunk", "params": trunk, "lr": cfg.qlora.lr})
+        return groups
+
+    def _train_stage(
+        self, builder, dataloader, stage, target, eval_loader, steps, n_batches, resumed=None
+    ) -> dict:
+        rack = builder.rack
+        cfg, prog = self.training, self.progressive
+        append = builder.building_mode == "append"
+        new_idx = len(rack.stacks) - 1 if append else 0
+        qlora = prog.trunk_strategy == "qlora"
+        first = stage == 0
+        groups = self._stage_groups(builder, stage, target, new_idx)
         ratio = self.stage_ratio(stage, target)
+        accum = cfg.optimizer.grad_accumulation
+        pending = resumed["in_progress"] if resumed is not None else None
+        saved = resumed["extra_rng"] if resumed is not None else {}
+        start = pending["step"] if pending is not None else 0
 
         # Which boundary the stage reads: append -> the trunk's output (its input with a qlora
         # trunk, whose adapters train); prepend -> the embeddings. Stage 0 reads raw ids, since
         # the embeddings train with it.
         use_cache = prog.cache_activations and not first
         cache_block = 0 if (qlora or not append) else new_idx
-        n_batches = self._count(dataloader)
-        if n_batches == 0:
-            raise TrainingError("the dataloader yielded no batches")
-        steps = self._stage_steps(n_batches, target)
         t0 = time.perf_counter()
-        # Only as many batches as the stage will use are cached (a stage of S steps reads S
-        # batches, cycling when the loader has fewer).
-        batches = (
-            self._fill_cache(rack, dataloader, ratio, cache_block, limit=min(steps, n_batches))
-            if use_cache
-            else None
-        )
-        cache_time = time.perf_counter() - t0
+        gen_start = self._loader_generator(dataloader)
+        if pending is not None and gen_start is not None and "loader.stage_start" in saved:
+            gen_start.set_state(saved["loader.stage_start"])
+        stage_start_state = gen_start.get_state() if gen_start is not None else None
+        # Only as many batches as the stage will use are cached (a stage of S steps reads
+        # S x grad_accumulation batches, cycling when the loader has fewer).
+        if use_cache:
+            ids = self._fill_cache(
+                rack, dataloader, ratio, cache_block, limit=min(steps * accum, n_batches)
+            )
+            source = CachedSource(ids, start=start * accum)
+        else:
+            position = None
+            if pending is not None:
+                states = {k.split(".", 1)[1]: v for k, v in saved.items()}
+                position = (pending["data"], states)
+            source = LoaderSource(dataloader, n_batches, resume=position)
+        cache_time = time.perf_counter() - t0 if pending is None else pending["cache_fill_s"]
         opt = build_optimizer(groups, cfg.optimizer)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer, steps))
+        if pending is not None:
+            opt.load_state_dict(pending["optimizer"])
+            sched.load_state_dict(pending["scheduler"])
+            from stackwise.training.checkpoint import restore_rng_state
+
+            # Last, after the cache refill and the loader replay, which may draw from it.
+            restore_rng_state(resumed["rng"], resumed["rng_meta"])
         trainable = [p for g in opt.param_groups for p in g["params"]]
         base_step = self.global_step
+        record_ratio = ratio if prog.training_objective != "clm" else 0.0
         stage_info = {
             "stage": stage,
             "stack_index": new_idx,
             "n_stacks": len(rack.stacks),
             "target_stacks": target,
             "steps": steps,
-            "mask_ratio": ratio if prog.training_objective != "clm" else 0.0,
+            "mask_ratio": record_ratio,
             "param_groups": [g["name"] for g in opt.param_groups],
+            "group_lr": {g["name"]: g["initial_lr"] for g in opt.param_groups},
             "cache_fill_s": cache_time,
+            "start_step": start,
         }
         self._emit("on_stage_start", stage_info)
         eval_every = cfg.eval_every if eval_loader is not None else 0
+        every = cfg.checkpointing.every_steps
+        checkpointing = self.checkpoint_dir is not None and cfg.checkpointing.enabled and every > 0
         rack.train()
-        losses: list[float] = []
-        step_times: list[float] = []
-        tokens = 0
+        losses: list[float] = list(pending["losses"]) if pending else []
+        step_times: list[float] = [t / 1e3 for t in pending["step_ms"]] if pending else []
+        tokens = int(pending["tokens"]) if pending else 0
+        wall_before = float(pending["wall_s"]) if pending else 0.0
         t_start = time.perf_counter()
-        step = 0
-        accum = cfg.optimizer.grad_accumulation
+        step = start
         while step < steps:
-            source = batches if batches is not None else enumerate(dataloader)
-            for item in source:
-                if step >= steps:
-                    break
-                t_step = time.perf_counter()
-                loss, n_tok = self._step_loss(rack, item, ratio, use_cache, cache_block)
-                if not math.isfinite(loss.item()):
+            t_step = time.perf_counter()
+            micro = [
+                self._prepare(rack, source.next(), ratio, use_cache, cache_block)
+                for _ in range(accum)
+            ]
+            n_total = sum(m["n_tok"] for m in micro)
+            step_loss = 0.0
+            for m in micro:
+                weight = m["n_tok"] / n_total if n_total else 1.0 / accum
+                with self._autocast():
+                    loss = self._forward_loss(rack, m)
+                value = loss.item()
+                if not math.isfinite(value):
                     raise TrainingError(
-                        f"loss is {loss.item()} at stage {stage} (stack {new_idx}), step {step}"
+                        f"loss is {value} at stage {stage} (stack {new_idx}), step {step}"
                     )
-                (loss / accum).backward()
-                if (step + 1) % accum == 0 or step + 1 == steps:
-                    clip_gradients(trainable, cfg.optimizer.grad_clip)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                step_times.append(time.perf_counter() - t_step)
-                tokens += n_tok
-                step += 1
-                if self.callbacks:
-                    elapsed = time.perf_counter() - t_start
-                    self._emit(
-                        "on_step",
-                        {
-                            "stage": stage,
-                            "stack_index": new_idx,
-                            "step": step,
-                            "steps": steps,
-                            "global_step": base_step + step,
-                            "loss": losses[-1],
-                            "lr": opt.param_groups[0]["lr"],
-                            "tokens": tokens,
-                            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                            "step_ms": 1e3 * step_times[-1],
-                        },
-                    )
-                if eval_every and step % eval_every == 0 and step < steps:
-                    eval_loss = self.evaluate(rack, eval_loader, ratio)
-                    rack.train()
-                    self._emit(
-                        "on_eval",
-                        {
-                            "stage": stage,
-                            "step": step,
-                            "global_step": base_step + step,
-                            "eval_loss": eval_loss,
-                        },
-                    )
-            if n_batches == 0:
-                raise TrainingError("the dataloader yielded no batches")
-        wall = time.perf_counter() - t_start
+                (loss * weight).backward()
+                step_loss += value * weight
+            clip_gradients(trainable, cfg.optimizer.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            step_times.append(time.perf_counter() - t_step)
+            tokens += n_total
+            step += 1
+            elapsed = wall_before + time.perf_counter() - t_start
+            if checkpointing and (base_step + step) % every == 0 and step < steps:
+                from stackwise.training.checkpoint import save_checkpoint
+
+                progress = {
+                    "stage": stage,
+                    "step": step,
+                    "steps": steps,
+                    "plan": target,
+                    "losses": losses,
+                    "step_ms": [1e3 * t for t in step_times],
+                    "tokens": tokens,
+                    "wall_s": elapsed,
+                    "cache_fill_s": cache_time,
+                    "data": source.position() if isinstance(source, LoaderSource) else None,
+                }
+                extra = {}
+                if stage_start_state is not None:
+                    extra["loader.stage_start"] = stage_start_state
+                if isinstance(source, LoaderSource):
+                    extra.update({f"loader.{k}": v for k, v in source.generator_states().items()})
+                save_checkpoint(self.checkpoint_dir, self, builder, progress, opt, sched, extra)
+            if self.callbacks:
+                self._emit(
+                    "on_step",
+                    {
+                        "stage": stage,
+                        "stack_index": new_idx,
+                        "step": step,
+                        "steps": steps,
+                        "global_step": base_step + step,
+                        "loss": losses[-1],
+                        "lr": opt.param_groups[0]["lr"],
+                        "tokens": tokens,
+                        "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                        "step_ms": 1e3 * step_times[-1],
+                    },
+                )
+            if eval_every and step % eval_every == 0 and step < steps:
+                eval_loss = self.evaluate(rack, eval_loader, ratio)
+                rack.train()
+                self._emit(
+                    "on_eval",
+                    {
+                        "stage": stage,
+                        "step": step,
+                        "global_step": base_step + step,
+                        "eval_loss": eval_loss,
+                    },
+                )
+        wall = wall_before + time.perf_counter() - t_start
         record = {
             "stage": stage,
             "stack_index": new_idx,
             "n_stacks": len(rack.stacks),
-            "mask_ratio": ratio if prog.training_objective != "clm" else 0.0,
+            "mask_ratio": record_ratio,
             "losses": losses,
             "step_ms": [1e3 * t for t in step_times],
             "steps": steps,
@@ -396,6 +561,12 @@ class ProgressiveTrainer:
         return record
 
     @staticmethod
+    def _loader_generator(dataloader):
+        from stackwise.training.batches import loader_generator
+
+        return loader_generator(dataloader)
+
+    @staticmethod
     def _frozen_table(p, rack) -> bool:
         table = rack.lexical.get_embeddings().table.weight
         return (
@@ -413,16 +584,19 @@ class ProgressiveTrainer:
 
     def _fill_cache(self, rack, dataloader, ratio, cache_block, limit: int) -> list:
         """Run the frozen part once per batch (the first ``limit`` batches) and store its output;
-        returns the batch ids."""
+        returns the batch ids. The frozen part runs in eval mode: it draws no random numbers,
+        so a resumed run refills the cache with the same values."""
         self.cache.clear()
         ids = []
-        with torch.no_grad():
+        was_training = rack.training
+        rack.eval()
+        with torch.no_grad(), self._autocast():
             for batch_idx, batch in enumerate(dataloader):
                 if batch_idx >= limit:
                     break
                 parsed = self._parse(batch, batch_idx)
-                inputs, labels = self._corrupt(parsed, ratio)
-                h = rack.embed(inputs.to(self.device))
+                inputs, labels, t = self._corrupt(parsed, ratio)
+                h = rack.embed(inputs.to(self.device), self._time(t))
                 mask = parsed["attention_mask"]
                 if cache_block > 0:
                     h = rack.forward_from(
@@ -431,47 +605,64 @@ class ProgressiveTrainer:
                 attn = mask if mask is not None else torch.ones_like(labels, dtype=torch.bool)
                 companions = torch.stack([labels.cpu(), attn.long().cpu()])
                 ids.append(self.cache.store_activations(cache_block, h.detach().cpu(), companions))
+        rack.train(was_training)
         if not ids:
             raise TrainingError("the dataloader yielded no batches")
         return ids
 
-    def _step_loss(self, rack, item, ratio, use_cache, cache_block):
+    def _time(self, t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(self.device)
+
+    def _prepare(self, rack, item, ratio, use_cache, cache_block) -> dict:
+        """One micro-batch, ready for the forward pass: its input (cached activations or ids),
+        labels, mask, noise levels, and its number of target tokens."""
         dev = self.device
         if use_cache:
-            bid = item
-            h = self.cache.get_activations(cache_block, bid).to(dev)
-            comp = self.cache.get_masks(cache_block, bid)
+            h = self.cache.get_activations(cache_block, item).to(dev)
+            comp = self.cache.get_masks(cache_block, item)
             labels, attn = comp[0].to(dev), comp[1].bool().to(dev)
-            mask = None if bool(attn.all()) else attn
+            m = {"hidden": h, "start": cache_block, "labels": labels}
+            m["mask"] = None if bool(attn.all()) else attn
+            m["time"] = None
         else:
             batch_idx, batch = item
             parsed = self._parse(batch, batch_idx)
-            inputs, labels = self._corrupt(parsed, ratio)
+            inputs, labels, t = self._corrupt(parsed, ratio)
             mask = parsed["attention_mask"]
-            mask = None if mask is None else mask.to(dev)
-            h = rack.embed(inputs.to(dev))
-            labels = labels.to(dev)
-            cache_block = 0
-        h = rack.forward_from(h, cache_block, len(rack.stacks), mask)
-        logits = rack.logits(h)
-        n_tok = int((labels != -100).sum())
-        return token_loss(logits, labels), n_tok
+            m = {"ids": inputs.to(dev), "start": 0, "labels": labels.to(dev)}
+            m["mask"] = None if mask is None else mask.to(dev)
+            m["time"] = self._time(t)
+        m["n_tok"] = int((m["labels"] != -100).sum())
+        return m
+
+    def _forward_loss(self, rack, m: dict) -> Tensor:
+        h = m["hidden"] if "hidden" in m else rack.embed(m["ids"], m["time"])
+        h = rack.forward_from(h, m["start"], len(rack.stacks), m["mask"])
+        return token_loss(rack.logits(h), m["labels"])
 
     @torch.no_grad()
     def evaluate(self, rack, loader, ratio: float, max_batches: int = 50) -> float:
-        """Mean loss of the full rack on ``loader`` at mask ratio ``ratio``."""
+        """Mean loss of the full rack on ``loader`` at mask ratio ``ratio`` (per-sample noise
+        levels with ``time_interpretation: input``). Leaves the RNG states as it found them, so
+        evaluating does not change the training that follows."""
         was_training = rack.training
         rack.eval()
         total, count = 0.0, 0
-        for batch_idx, batch in enumerate(loader):
-            if batch_idx >= max_batches:
-                break
-            parsed = self._parse(batch, batch_idx)
-            inputs, labels = self._corrupt(parsed, ratio)
-            mask = parsed["attention_mask"]
-            logits = rack(inputs.to(self.device), None if mask is None else mask.to(self.device))
-            total += float(token_loss(logits, labels.to(self.device)))
-            count += 1
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self._autocast():
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= max_batches:
+                    break
+                parsed = self._parse(batch, batch_idx)
+                inputs, labels, t = self._corrupt(parsed, ratio)
+                mask = parsed["attention_mask"]
+                logits = rack(
+                    inputs.to(self.device),
+                    None if mask is None else mask.to(self.device),
+                    time=self._time(t),
+                )
+                total += float(token_loss(logits, labels.to(self.device)))
+                count += 1
         rack.train(was_training)
         if count == 0:
             raise TrainingError("the evaluation dataloader yielded no batches")

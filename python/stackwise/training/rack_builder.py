@@ -10,10 +10,18 @@ left (prepend), and freezes, converts or adapts the stacks that are no longer tr
 (full | half | bf16 | int8 | nf4 | fp8); the stack being trained is always full precision.
 ``build_rack()`` returns the one rack being trained (same embeddings, head and final norm),
 reflecting every stack added so far.
+
+Dual-LoRA (``training.qlora.new_stack_lora``): each new stack's linear layers carry a LoRA
+(:class:`QLoRAAdapter` over the full-precision layer, ``qlora.rank``/``qlora.alpha``) that trains
+with the stack in its own optimizer group; when the stack is frozen the LoRA is merged into its
+weights, and a ``qlora`` trunk then puts its own NF4 adapters on it (with
+``qlora.progressive_rank``, of a rank decaying with the stack's age, :meth:`trunk_rank`).
+With ``training.progressive.time_interpretation: input`` the rack gets a time embedding.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from stackwise.exceptions import ConfigurationError, TrainingError
@@ -35,10 +43,21 @@ class ProgressiveRackBuilder:
                 f"{mode!r} is not 'append' or 'prepend'", "training.progressive.building_mode"
             )
         self.building_mode = mode
-        self.rack = Rack(self.model_config, stacks=[])
+        progressive = config.training.progressive
+        # The rack's own initialisation (position table, time embedding) does not depend on the
+        # caller's RNG state: it is drawn from training.seed, and the global RNG is left as is.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.training.seed)
+            self.rack = Rack(
+                self.model_config,
+                stacks=[],
+                time_embedding=progressive.time_interpretation == "input",
+            )
+        self.stack_lora = bool(config.training.qlora.new_stack_lora)
         self.precisions: list[str] = []
         self.converted: list[bool] = []
         self.strategies: list[str] = []  # how each frozen stack was converted ("" if not yet)
+        self.adapter_ranks: list[list[float] | None] = []  # [rank, alpha] of trunk adapters
         self._layer_seed = 0
 
     @property
@@ -57,7 +76,36 @@ class ProgressiveRackBuilder:
         for _ in range(n):
             blocks.append(MLGKALayer(seed=self._layer_seed, **_layer_kwargs(self.model_config)))
             self._layer_seed += 1
-        return Stack(blocks)
+        stack = Stack(blocks)
+        if self.stack_lora:
+            q = self.config.training.qlora
+            self._wrap_linears(stack, q.rank, q.alpha, q.dropout, quantization=None)
+        return stack
+
+    def _wrap_linears(self, stack, rank, alpha, dropout, quantization) -> None:
+        """Put a :class:`QLoRAAdapter` around every ``nn.Linear`` of ``stack`` (but a fixed
+        up-projection)."""
+        for name, module in list(stack.named_modules()):
+            fixed = self.model_config.freeze_up_proj and name.endswith("up_proj")
+            if isinstance(module, nn.Linear) and not fixed:
+                parent_name, _, attr = name.rpartition(".")
+                parent = stack.get_submodule(parent_name) if parent_name else stack
+                adapter = QLoRAAdapter(
+                    module, rank=rank, alpha=alpha, dropout=dropout, quantization=quantization
+                )
+                setattr(parent, attr, adapter)
+
+    @staticmethod
+    @torch.no_grad()
+    def _merge_stack_lora(stack) -> None:
+        """Fold each full-precision LoRA of a stack into its linear layer and unwrap it."""
+        for name, module in list(stack.named_modules()):
+            if isinstance(module, QLoRAAdapter) and isinstance(module.base_layer, nn.Linear):
+                base = module.base_layer
+                base.weight.add_(module.delta_weight().to(base.weight.dtype))
+                parent_name, _, attr = name.rpartition(".")
+                parent = stack.get_submodule(parent_name) if parent_name else stack
+                setattr(parent, attr, base)
 
     def append_stack(self, n_blocks: int | None = None, precision: str = "full") -> Stack:
         """Add a stack on the right (after the current last one)."""
@@ -66,6 +114,7 @@ class ProgressiveRackBuilder:
         self.precisions.append(precision)
         self.converted.append(False)
         self.strategies.append("")
+        self.adapter_ranks.append(None)
         return stack
 
     def prepend_stack(self, n_blocks: int | None = None, precision: str = "full") -> Stack:
@@ -75,6 +124,7 @@ class ProgressiveRackBuilder:
         self.precisions.insert(0, precision)
         self.converted.insert(0, False)
         self.strategies.insert(0, "")
+        self.adapter_ranks.insert(0, None)
         return stack
 
     def add_stack(self, n_blocks: int | None = None, precision: str = "full") -> Stack:
@@ -88,31 +138,46 @@ class ProgressiveRackBuilder:
             raise TrainingError("the rack has no stacks yet: append_stack or prepend_stack first")
         return self.rack
 
-    def freeze_stack(self, index: int, strategy: str = "frozen", qlora_cfg=None) -> None:
-        """Freeze stack ``index``: no gradient to its weights; convert it to its storage
-        precision once; with ``strategy="qlora"`` wrap its linear layers in trainable
-        :class:`QLoRAAdapter` s over NF4 weights (``qlora_cfg``: rank, alpha, dropout)."""
+    def trunk_rank(self, index: int, planned_stacks: int | None = None, qlora_cfg=None):
+        """``(rank, alpha)`` of the trunk adapters of stack ``index``. With
+        ``qlora.progressive_rank`` the stack k places older than the newest trunk stack of the
+        planned rack (``planned_stacks``, default the current size) gets rank
+        max(min_rank, round(rank * rank_decay**k)) and alpha scaled by the same factor (so
+        alpha / rank, the update's scale, stays); otherwise ``(rank, alpha)``."""
+        q = qlora_cfg or self.config.training.qlora
+        if not q.progressive_rank:
+            return q.rank, float(q.alpha)
+        n = self.n_stacks
+        created = index if self.building_mode == "append" else n - 1 - index
+        newest_trunk = max(planned_stacks or n, n) - 2
+        k = max(0, newest_trunk - created)
+        rank = max(q.min_rank, round(q.rank * q.rank_decay**k))
+        return rank, float(q.alpha) * rank / q.rank
+
+    def freeze_stack(
+        self,
+        index: int,
+        strategy: str = "frozen",
+        qlora_cfg=None,
+        rank: int | None = None,
+        alpha: float | None = None,
+    ) -> None:
+        """Freeze stack ``index``: no gradient to its weights; fold in its own LoRA (dual-LoRA)
+        and convert it to its storage precision once; with ``strategy="qlora"`` wrap its linear
+        layers in trainable :class:`QLoRAAdapter` s over NF4 weights (``qlora_cfg``: rank,
+        alpha, dropout; ``rank``/``alpha`` override them, see :meth:`trunk_rank`)."""
         stack = self.rack.stacks[index]
         for p in stack.parameters():
             p.requires_grad_(False)
         if self.converted[index]:
             return
+        self._merge_stack_lora(stack)
         if strategy == "qlora":
-            rank = qlora_cfg.rank if qlora_cfg else 16
-            alpha = qlora_cfg.alpha if qlora_cfg else 32.0
+            rank = rank if rank is not None else (qlora_cfg.rank if qlora_cfg else 16)
+            alpha = alpha if alpha is not None else (qlora_cfg.alpha if qlora_cfg else 32.0)
             dropout = qlora_cfg.dropout if qlora_cfg else 0.0
-            for name, module in list(stack.named_modules()):
-                fixed = self.model_config.freeze_up_proj and name.endswith("up_proj")
-                if isinstance(module, nn.Linear) and not fixed:
-                    parent_name, _, attr = name.rpartition(".")
-                    parent = stack.get_submodule(parent_name) if parent_name else stack
-                    setattr(
-                        parent,
-                        attr,
-                        QLoRAAdapter(
-                            module, rank=rank, alpha=alpha, dropout=dropout, quantization="nf4"
-                        ),
-                    )
+            self._wrap_linears(stack, rank, alpha, dropout, quantization="nf4")
+            self.adapter_ranks[index] = [rank, alpha]
         else:
             precision = canonical_precision(self.precisions[index])
             if precision != "fp32":
@@ -129,4 +194,12 @@ class ProgressiveRackBuilder:
             for m in stack.modules():
                 if isinstance(m, QLoRAAdapter):
                     params += m.get_adaptation_parameters()
+        return params
+
+    def stack_lora_parameters(self, index: int) -> list:
+        """The dual-LoRA parameters of stack ``index`` (empty unless ``new_stack_lora``)."""
+        params = []
+        for m in self.rack.stacks[index].modules():
+            if isinstance(m, QLoRAAdapter):
+                params += m.get_adaptation_parameters()
         return params

@@ -34,9 +34,18 @@ def _has_kernel(device: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("stackwise::attention_forward", key)
 
 
-def _skip_without_kernel(device: str) -> None:
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_HEAD_DIMS = ((64, 64), (128, 128), (192, 128))
+
+
+def _skip_without_kernel(device: str, dtype=None, dqk=None, dv=None) -> None:
     if not _has_kernel(device):
         pytest.skip(f"no {device} kernel of stackwise::attention_forward in this build")
+    if device == "cuda" and (dtype not in CUDA_DTYPES or (dqk, dv) not in CUDA_HEAD_DIMS):
+        pytest.skip(
+            "the CUDA kernel takes bf16/fp16 with head dims 64, 128 or 192/128 "
+            "(test_cuda_rejects_unsupported_inputs checks the error otherwise)"
+        )
 
 
 def _inputs(shape, dtype, device, seed=0, requires_grad=False):
@@ -78,7 +87,7 @@ def _id(shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dtype_id)
 def test_forward_matches_reference(device, dtype, shape, causal, mask_kind):
-    _skip_without_kernel(device)
+    _skip_without_kernel(device, dtype, shape[4], shape[5])
     q, k, v = _inputs(shape, dtype, device)
     mask = _mask(mask_kind, shape[0], shape[3], device)
     out = stackwise.ops.attention(q, k, v, causal=causal, key_padding_mask=mask)
@@ -100,7 +109,7 @@ def _grads(fn, q, k, v, dout):
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dtype_id)
 def test_backward_matches_reference(device, dtype, shape, causal, mask_kind):
-    _skip_without_kernel(device)
+    _skip_without_kernel(device, dtype, shape[4], shape[5])
     q, k, v = _inputs(shape, dtype, device, seed=1, requires_grad=True)
     mask = _mask(mask_kind, shape[0], shape[3], device)
     dout = torch.randn(shape[0], shape[1], shape[3], shape[5], dtype=torch.float64).to(dtype)
@@ -196,7 +205,7 @@ def test_low_precision_several_key_blocks(dtype, causal, scale):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
 def test_non_contiguous_inputs(device, dtype):
-    _skip_without_kernel(device)
+    _skip_without_kernel(device, dtype, 64, 64)
     b, s, hq, hkv, d = 2, 70, 4, 2, 64
     gen = torch.Generator().manual_seed(5)
     # The common layout: projections shaped [B, S, H, D], viewed as [B, H, S, D].
@@ -234,8 +243,8 @@ def test_non_contiguous_inputs(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dtype_id)
 def test_fully_masked_rows_give_zeros_not_nan(device, dtype):
-    _skip_without_kernel(device)
-    q, k, v = _inputs((2, 2, 1, 9, 32, 32), dtype, device, requires_grad=True)
+    _skip_without_kernel(device, dtype, 64, 64)
+    q, k, v = _inputs((2, 2, 1, 9, 64, 64), dtype, device, requires_grad=True)
     mask = torch.ones(2, 9, dtype=torch.bool, device=device)
     mask[0, :4] = False  # causal rows 0..3 of batch 0 see no key
     mask[1] = False  # batch 1 sees nothing at all
@@ -292,7 +301,7 @@ GRADCHECK_CASES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("shape", "causal", "mask_kind"), GRADCHECK_CASES)
 def test_gradcheck_float64(device, shape, causal, mask_kind):
-    _skip_without_kernel(device)
+    _skip_without_kernel(device, torch.float64, shape[4], shape[5])
     q, k, v = _inputs(shape, torch.float64, device, requires_grad=True)
     mask = _mask(mask_kind, shape[0], shape[3], device)
 
@@ -305,7 +314,10 @@ def test_gradcheck_float64(device, shape, causal, mask_kind):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     _skip_without_kernel(device)
-    q, k, v = _inputs((2, 4, 2, 9, 8, 6), torch.float32, device)
+    if device == "cuda":
+        q, k, v = _inputs((2, 4, 2, 9, 64, 64), torch.bfloat16, device)
+    else:
+        q, k, v = _inputs((2, 4, 2, 9, 8, 6), torch.float32, device)
     mask = _mask("random", 2, 9, device)
     fwd = torch.ops.stackwise.attention_forward.default
     torch.library.opcheck(fwd, (q, k, v, mask, True, None))
@@ -318,6 +330,35 @@ def test_opcheck(device):
         torch.ops.stackwise.attention_backward.default,
         (dout, q, k, v, out, lse, mask, True, None),
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_cuda_rejects_unsupported_inputs():
+    _skip_without_kernel("cuda")
+    q, k, v = _inputs((1, 2, 2, 16, 64, 64), torch.float32, "cuda")
+    with pytest.raises(NotImplementedError, match="bfloat16 or float16"):
+        stackwise.ops.attention(q, k, v)
+    q, k, v = _inputs((1, 2, 2, 16, 32, 32), torch.bfloat16, "cuda")
+    with pytest.raises(NotImplementedError, match=r"head dims .*got \(32, 32\)"):
+        stackwise.ops.attention(q, k, v)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("hkv", [8, 1], ids=["mha", "gqa8"])
+def test_cuda_matches_sdpa_flash(causal, hkv):
+    _skip_without_kernel("cuda", torch.bfloat16, 128, 128)
+    q, k, v = _inputs((2, 8, hkv, 1024, 128, 128), torch.bfloat16, "cuda", seed=3)
+    out = stackwise.ops.attention(q, k, v, causal=causal)
+    kr, vr = (t.repeat_interleave(8 // hkv, dim=1) for t in (k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=causal)
+    ref = attention_reference(q.float(), kr.float(), vr.float(), causal=causal)
+    # FlashAttention's rule: at most twice the error of the bf16 SDPA result.
+    err = (out.float() - ref).abs().max().item()
+    err_sdpa = (expected.float() - ref).abs().max().item()
+    assert err <= 2 * err_sdpa + 1e-3, (err, err_sdpa)
 
 
 @pytest.mark.slow

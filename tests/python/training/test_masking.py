@@ -1,5 +1,5 @@
 """MaskScheduler shapes and endpoints; mlm/diffusion corruption statistics, exclusions and
-determinism; clm labels and the masked loss."""
+determinism; per-sample noise levels; clm labels and the masked loss."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from stackwise.training.strategies.masking import (
     diffusion_corrupt,
     hash_uniform,
     mlm_corrupt,
+    sample_noise_levels,
     token_loss,
 )
 
@@ -108,3 +109,29 @@ def test_clm_labels_and_loss():
     logits = torch.zeros(1, 5, 10)
     assert token_loss(logits, labels).item() == pytest.approx(torch.log(torch.tensor(10.0)).item())
     assert token_loss(logits, torch.full_like(labels, -100)).item() == 0.0
+
+
+def test_per_sample_noise_levels_and_ratios():
+    sid = torch.arange(4000)
+    t = sample_noise_levels(sid, seed=5, min_fraction=0.2, max_fraction=0.6)
+    assert t.shape == (4000,) and t.dtype == torch.float32
+    assert 0.2 <= float(t.min()) and float(t.max()) < 0.6 and abs(float(t.mean()) - 0.4) < 0.01
+    assert torch.equal(t[[7, 3]], sample_noise_levels(sid[[7, 3]], 5, 0.2, 0.6))  # per sample
+    assert not torch.equal(t, sample_noise_levels(sid, 6, 0.2, 0.6))
+    # Each row is masked at its own ratio; a uniform tensor equals the scalar ratio.
+    ids = torch.randint(0, 100, (3, 2000))
+    ratios = torch.tensor([0.1, 0.5, 0.9])
+    out, labels = diffusion_corrupt(ids, torch.arange(3), ratios, seed=1, mask_token_id=100)
+    frac = (labels != IGNORE_INDEX).float().mean(dim=1)
+    torch.testing.assert_close(frac, ratios, atol=0.03, rtol=0)
+    same, _ = diffusion_corrupt(
+        ids, torch.arange(3), torch.full((3,), 0.5), seed=1, mask_token_id=100
+    )
+    scalar, _ = diffusion_corrupt(ids, torch.arange(3), 0.5, seed=1, mask_token_id=100)
+    assert torch.equal(same, scalar)
+    with pytest.raises(ConfigurationError, match=r"per-sample mask ratio must have shape \[3\]"):
+        mlm_corrupt(ids, torch.arange(3), torch.ones(2), seed=0, mask_token_id=100, vocab_size=100)
+    with pytest.raises(ConfigurationError, match=r"must be in \[0, 1\]"):
+        diffusion_corrupt(
+            ids, torch.arange(3), torch.tensor([0.1, 1.5, 0.2]), seed=0, mask_token_id=100
+        )

@@ -218,3 +218,255 @@ def test_callbacks_see_every_step_eval_and_stage():
     evals = [(i["stage"], i["step"]) for k, i in rec.events if k == "eval"]
     assert evals == [(0, 4), (0, 8), (0, 10), (1, 4), (1, 8), (1, 10)]
     assert trainer.global_step == 20
+
+
+# ---- dual-LoRA, time embedding, autocast, seeding, step budget, accumulation -----------------
+
+
+class _StageInfo:
+    def __init__(self):
+        self.stages = []
+
+    def on_stage_start(self, info):
+        self.stages.append(info)
+
+
+def _three_stacks():
+    return {"n_layers": 6, "architecture": {"n_stacks": 3, "blocks_per_stack": 2}}
+
+
+def test_dual_lora_groups_lrs_ranks_and_gradients():
+    config = _config(
+        model=_three_stacks(),
+        progressive={"trunk_strategy": "qlora", "target_stacks": 3, "steps_per_stack": 4},
+        qlora={
+            "rank": 4,
+            "alpha": 8.0,
+            "dropout": 0.0,
+            "lr": 5e-3,
+            "new_stack_lora": True,
+            "progressive_rank": True,
+            "rank_decay": 0.5,
+            "min_rank": 1,
+        },
+    )
+    rec = _StageInfo()
+    builder = ProgressiveRackBuilder(config)
+    ProgressiveTrainer(config, callbacks=[rec]).train_rack(builder, _data(), target_stacks=3)
+    lr, qlr = 3e-3, 5e-3
+    assert rec.stages[0]["group_lr"] == {
+        "current_stack": lr,
+        "current_stack_lora": qlr,
+        "head": lr,
+        "embeddings": lr,
+    }
+    for info in rec.stages[1:]:
+        assert info["group_lr"] == {
+            "current_stack": lr,
+            "current_stack_lora": qlr,
+            "head": lr,
+            "qlora_trunk": qlr,
+        }
+    rack = builder.build_rack()
+
+    def adapters(i):
+        return [m for m in rack.stacks[i].modules() if isinstance(m, QLoRAAdapter)]
+
+    # Trunk: the stack's own LoRA was merged, NF4 trunk adapters took its place, of a rank
+    # decaying with age (stack 1 is the newest trunk stack of the 3-stack plan).
+    for i, rank in ((0, 2), (1, 4)):
+        assert adapters(i) and all(isinstance(a.base_layer, QuantizedLinear) for a in adapters(i))
+        assert {a.rank for a in adapters(i)} == {rank}
+        assert {a.scaling for a in adapters(i)} == {2.0}
+    # The stack in training keeps a full-precision LoRA beside its trainable weights.
+    new = adapters(2)
+    assert new and all(isinstance(a.base_layer, torch.nn.Linear) for a in new)
+    assert all(a.base_layer.weight.requires_grad for a in new)
+    # Every adapter trained (B starts at zero) and gets gradients.
+    for i in range(3):
+        assert all(float(a.lora_B.detach().abs().sum()) > 0 for a in adapters(i)), i
+    rack.zero_grad(set_to_none=True)
+    batch = _data(1)[0]["input_ids"]
+    rack(batch).float().logsumexp(-1).mean().backward()
+    for i in range(3):
+        for a in adapters(i):
+            assert a.lora_A.grad is not None and float(a.lora_A.grad.abs().sum()) > 0
+            assert a.lora_B.grad is not None and float(a.lora_B.grad.abs().sum()) > 0
+
+
+def _repeated(n_batches=8, b=8, s=16, seed=0):
+    """Each sequence one token repeated: a masked position is any unmasked one (diffusion)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(0, VOCAB - 1, (b, 1), generator=g).expand(b, s).clone(),
+            "sample_id": torch.arange(b) + i * b,
+        }
+        for i in range(n_batches)
+    ]
+
+
+def test_input_time_diffusion_learns_and_time_embedding_trains(tmp_path):
+    from stackwise.model.architecture import load_rack, save_rack
+
+    config = _config(
+        max_steps=45,  # stage 0: 40 steps, stage 1: the 5 left
+        progressive={
+            "training_objective": "diffusion",
+            "time_interpretation": "input",
+            "steps_per_stack": 40,
+        },
+        masking={"min_fraction": 0.1, "max_fraction": 0.5},
+    )
+    builder = ProgressiveRackBuilder(config)
+    rack = builder.rack
+    te = rack.time_embedding
+    assert te is not None
+    init = {k: v.clone() for k, v in te.state_dict().items()}
+    trainer = ProgressiveTrainer(config, tokenizer_ids={"mask": VOCAB - 1})
+    data, held_out = _repeated(), _repeated(2, seed=9)
+    res = trainer.train_rack(builder, data, target_stacks=1, eval_loader=held_out)
+    assert "time_embedding" in res["history"][0]["param_groups"]
+    assert res["history"][0]["eval_loss"] < 0.85 * math.log(VOCAB - 1)  # chance: log(23)
+    assert all(not torch.equal(init[k], v) for k, v in te.state_dict().items())
+    after_stage0 = {k: v.clone() for k, v in te.state_dict().items()}
+    res = trainer.train_rack(builder, data, target_stacks=2, eval_loader=held_out)
+    assert res["history"][1]["steps"] == 5
+    assert res["history"][1]["eval_loss"] < 0.85 * math.log(VOCAB - 1)
+    assert all(torch.equal(after_stage0[k], v) for k, v in te.state_dict().items())  # frozen
+    # Gradients reach the embedding, and the noise level changes the prediction.
+    ids = held_out[0]["input_ids"]
+    t = torch.full((ids.shape[0],), 0.3)
+    for p in te.parameters():
+        p.requires_grad_(True)
+    token_loss = torch.nn.functional.cross_entropy
+    loss = token_loss(rack(ids, time=t).flatten(0, 1), ids.flatten())
+    loss.backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in te.parameters())
+    with torch.no_grad():
+        assert not torch.allclose(rack(ids, time=t), rack(ids, time=t + 0.5))
+        save_rack(rack, tmp_path / "rack")
+        loaded = load_rack(tmp_path / "rack")
+        torch.testing.assert_close(loaded(ids, time=t), rack(ids, time=t))
+
+
+def test_bf16_autocast_trains():
+    config = _config(autocast=True, progressive={"steps_per_stack": 30})
+    builder = ProgressiveRackBuilder(config)
+    res = ProgressiveTrainer(config).train_rack(builder, _data(), target_stacks=1)
+    losses = res["history"][0]["losses"]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.7 * losses[0]
+    assert all(p.dtype == torch.float32 for p in builder.rack.parameters())
+
+
+def test_training_seed_makes_runs_reproducible():
+    def run(seed, outer):
+        torch.manual_seed(outer)
+        config = _config(seed=seed, model={"dropout": 0.1}, progressive={"steps_per_stack": 5})
+        return ProgressiveTrainer(config).train_rack(
+            ProgressiveRackBuilder(config), _data(), target_stacks=2
+        )["history"]
+
+    a, b, c = run(3, 0), run(3, 1), run(4, 0)
+    assert [h["losses"] for h in a] == [h["losses"] for h in b]
+    assert [h["losses"] for h in a] != [h["losses"] for h in c]
+
+
+def test_max_steps_is_a_total_over_stages():
+    config = _config(max_steps=10, progressive={"steps_per_stack": 6})
+    res = ProgressiveTrainer(config).train_rack(ProgressiveRackBuilder(config), _data())
+    assert [h["steps"] for h in res["history"]] == [6, 4] and res["stopped"] is None
+    config = _config(max_steps=6, progressive={"steps_per_stack": 6})
+    builder = ProgressiveRackBuilder(config)
+    trainer = ProgressiveTrainer(config)
+    res = trainer.train_rack(builder, _data())
+    assert [h["steps"] for h in res["history"]] == [6] and res["stopped"] == "max_steps"
+    assert builder.n_stacks == 1 and trainer.global_step == 6
+    config = _config(max_steps=9, progressive={"steps_per_stack": None})
+    res = ProgressiveTrainer(config).train_rack(ProgressiveRackBuilder(config), _data())
+    assert [h["steps"] for h in res["history"]] == [4, 5]
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """2 micro-batches of B/2 == 1 batch of B, masked objective: the halves hold different
+    numbers of target tokens, so each is weighted by its share."""
+    full = _data(4)
+    halves = []
+    for b in full:
+        for part in (slice(0, 4), slice(4, 8)):
+            halves.append({"input_ids": b["input_ids"][part], "sample_id": b["sample_id"][part]})
+    results = []
+    for accum, data in ((1, full), (2, halves)):
+        config = _config(
+            optimizer={"grad_accumulation": accum, "weight_decay": 0.0, "grad_clip": 1.0},
+            progressive={"training_objective": "diffusion", "steps_per_stack": 8},
+            masking={"min_fraction": 0.3, "max_fraction": 0.3},
+        )
+        builder = ProgressiveRackBuilder(config)
+        res = ProgressiveTrainer(config).train_rack(builder, data, target_stacks=1)
+        results.append((res["history"][0], builder.rack.state_dict()))
+    (h1, s1), (h2, s2) = results
+    assert h1["tokens"] == h2["tokens"]
+    torch.testing.assert_close(
+        torch.tensor(h2["losses"]), torch.tensor(h1["losses"]), rtol=1e-5, atol=1e-6
+    )
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], rtol=1e-4, atol=1e-5)
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+def test_nan_loss_names_stage_stack_and_step():
+    config = _config(progressive={"steps_per_stack": 3})
+    builder = ProgressiveRackBuilder(config)
+    trainer = ProgressiveTrainer(config)
+    trainer.train_rack(builder, _data(), target_stacks=1)
+    with torch.no_grad():
+        builder.rack.final_norm.weight[3] = float("nan")
+    with pytest.raises(TrainingError, match=r"loss is nan at stage 1 \(stack 1\), step 0"):
+        trainer.train_rack(builder, _data(), target_stacks=2)
+
+
+def _one(batch):
+    return [batch]
+
+
+@pytest.mark.parametrize(
+    ("loader", "message"),
+    [
+        (_one(torch.arange(16)), r"input_ids must be an integer tensor \[B, S\]"),
+        (_one(torch.zeros(2, 4, 3, dtype=torch.long)), r"must be an integer tensor \[B, S\]"),
+        (_one(torch.zeros(2, 8)), r"integer tensor \[B, S\], got torch.float32"),
+        (_one(torch.full((2, 8), VOCAB)), r"input_ids must be in \[0, 24\)"),
+        (_one(torch.zeros(2, 40, dtype=torch.long)), "40 tokens exceed model.max_seq_len=32"),
+        (_one(torch.zeros(0, 8, dtype=torch.long)), "input_ids is empty"),
+        (_one({"ids": torch.zeros(2, 8, dtype=torch.long)}), "a dict with 'input_ids'"),
+        (
+            _one(
+                {"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(8)}
+            ),
+            r"attention_mask must be a tensor \[2, 8\], got \(8,\)",
+        ),
+        (
+            _one({"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.zeros(2, 7)}),
+            r"labels must be an integer tensor \[2, 8\]",
+        ),
+        (
+            _one({"input_ids": torch.zeros(2, 8, dtype=torch.long), "sample_id": [1, 2, 3]}),
+            "sample_id must be 2 integers",
+        ),
+        ((b for b in _data(2)), "must be re-iterable"),
+    ],
+)
+def test_bad_batches_raise_training_error(loader, message):
+    config = _config(progressive={"steps_per_stack": 2})
+    with pytest.raises(TrainingError, match=message):
+        ProgressiveTrainer(config).train_rack(ProgressiveRackBuilder(config), loader, 1)
+
+
+def test_input_time_needs_a_masked_objective():
+    from stackwise.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="training.progressive.time_interpretation"):
+        _config(progressive={"time_interpretation": "input"})

@@ -11,6 +11,9 @@ depth-as-time order: the highest fraction on the left (layer 0), the lowest on t
 
 Masks are a pure function of (sample id, position, ratio, seed) through a counter-based 32-bit
 integer hash, so a resumed or distributed run, or a batch in another order, draws the same masks.
+The ratio may be one number for the batch or one per sample (a [B] tensor): with
+``time_interpretation="input"`` each sample draws its own noise level t ~ U(min, max) from
+:func:`sample_noise_levels`, again a pure function of (sample id, seed).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from stackwise.exceptions import ConfigurationError
 SCHEDULES = ("linear", "cosine", "exponential", "constant")
 IGNORE_INDEX = -100
 _MASK32 = 0xFFFFFFFF
+# hash streams: 0-2 are mlm_corrupt's selection / kind / random-id draws; 3 the noise level.
+_TIME_STREAM = 3
 
 
 class MaskScheduler:
@@ -97,10 +102,35 @@ def hash_uniform(sample_ids: Tensor, seq_len: int, seed: int, stream: int) -> Te
     return h.to(torch.float64).div_(2.0**32).to(torch.float32)
 
 
+def _check_ratio(ratio: float | Tensor, batch: int) -> Tensor | float:
+    """``ratio`` as a float, or as a [B, 1] float tensor (one ratio per sample)."""
+    if isinstance(ratio, Tensor):
+        if ratio.dim() != 1 or ratio.shape[0] != batch:
+            raise ConfigurationError(
+                f"a per-sample mask ratio must have shape [{batch}], got {tuple(ratio.shape)}"
+            )
+        r = ratio.detach().to(torch.float32)
+        if bool(((r < 0) | (r > 1) | r.isnan()).any()):
+            raise ConfigurationError("per-sample mask ratios must be in [0, 1]")
+        return r.reshape(-1, 1)
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigurationError(f"mask ratio must be in [0, 1], got {ratio}")
+    return ratio
+
+
+def sample_noise_levels(
+    sample_ids: Tensor, seed: int, min_fraction: float, max_fraction: float
+) -> Tensor:
+    """One noise level per sample, t ~ U(min_fraction, max_fraction) as float32 [B], a pure
+    function of (sample id, seed) (its own hash stream, independent of the mask draws)."""
+    u = hash_uniform(sample_ids.reshape(-1), 1, seed, _TIME_STREAM)[:, 0]
+    return min_fraction + (max_fraction - min_fraction) * u
+
+
 def mlm_corrupt(
     input_ids: Tensor,
     sample_ids: Tensor,
-    ratio: float,
+    ratio: float | Tensor,
     *,
     seed: int,
     mask_token_id: int,
@@ -110,21 +140,23 @@ def mlm_corrupt(
     mask_prob: float = 0.8,
     random_prob: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
-    """Select ``ratio`` of the maskable positions; of those, ``mask_prob`` become the mask token,
+    """Select ``ratio`` (a float, or a [B] tensor of per-sample ratios) of the maskable
+    positions; of those, ``mask_prob`` become the mask token,
     ``random_prob`` a random token (never a special one), the rest stay. Padding
     (``attention_mask`` False) and ``special_ids`` are never selected.
 
     Returns ``(corrupted_ids, labels)``, labels holding the original id at selected positions
     and -100 elsewhere (the loss is taken on selected positions only).
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise ConfigurationError(f"mask ratio must be in [0, 1], got {ratio}")
+    b, s = input_ids.shape
+    ratio = _check_ratio(ratio, b)
+    if isinstance(ratio, Tensor):
+        ratio = ratio.to(input_ids.device)
     if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
         raise ConfigurationError(
             f"mask_prob {mask_prob} + random_prob {random_prob} must be in [0, 1]",
             "training.masking.mask_token_prob",
         )
-    b, s = input_ids.shape
     maskable = torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask is not None:
         maskable &= attention_mask.bool()
@@ -147,7 +179,7 @@ def mlm_corrupt(
 def diffusion_corrupt(
     input_ids: Tensor,
     sample_ids: Tensor,
-    ratio: float,
+    ratio: float | Tensor,
     *,
     seed: int,
     mask_token_id: int,
@@ -198,5 +230,6 @@ __all__ = [
     "diffusion_corrupt",
     "hash_uniform",
     "mlm_corrupt",
+    "sample_noise_levels",
     "token_loss",
 ]
