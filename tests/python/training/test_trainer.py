@@ -158,24 +158,33 @@ def test_errors():
     trainer = Trainer(config)
     with pytest.raises(TrainingError, match="no batches"):
         trainer.train_block(0, [])
-    with pytest.raises(TrainingError, match=r"input_ids must be a non-empty integer tensor"):
+    with pytest.raises(
+        TrainingError, match=r"batch 0: input_ids must be an integer tensor \[B, S\]"
+    ):
         trainer.train_block(0, [torch.zeros(2, 3, 4, dtype=torch.long)])
     with pytest.raises(TrainingError, match="input_ids must be"):
         trainer.train_block(0, [torch.zeros(2, 8)])  # float ids
     mask = torch.ones(8, 15, dtype=torch.bool)
-    with pytest.raises(TrainingError, match=r"attention_mask must have shape \(8, 16\)"):
+    with pytest.raises(
+        TrainingError, match=r"attention_mask must be a tensor \[8, 16\], got \(8, 15\)"
+    ):
         trainer.train_block(0, [{"input_ids": _data(1)[0]["input_ids"], "attention_mask": mask}])
-    with pytest.raises(TrainingError, match="exceeds model.max_seq_len 32"):
+    with pytest.raises(TrainingError, match="exceed model.max_seq_len=32"):
         trainer.train_block(0, [torch.zeros(2, 40, dtype=torch.long)])
-    with pytest.raises(TrainingError, match=r"must lie in \[0, 24\)"):
+    with pytest.raises(TrainingError, match=r"input_ids must be in \[0, 24\)"):
         trainer.train_block(0, [torch.full((2, 8), 99)])
     with pytest.raises(TrainingError, match="a batch must be a LongTensor"):
         trainer.train_block(0, [[1, 2, 3]])
+    with pytest.raises(TrainingError, match="must be re-iterable"):
+        trainer.train_block(0, iter(_data()))
     with pytest.raises(TrainingError, match="block index 9 is outside 0..3"):
         trainer.train_block(9, _data())
     stranger = Rack.from_config(config.model).stacks[0]
     with pytest.raises(TrainingError, match="not a stack of the trainer's rack"):
         trainer.train_stack(stranger, _data())
+    timed = Rack.from_config(config.model, time_embedding=True)
+    with pytest.raises(TrainingError, match="rack is time-conditioned"):
+        trainer.train_rack(timed, _data())
     config.training.mode = "sideways"
     with pytest.raises(ConfigurationError, match="training.mode: 'sideways' is not one of"):
         Trainer(config)
