@@ -34,7 +34,7 @@ def test_documented_snippet_units_learn():
     assert second["label"] == "block 1" and _tail(second) < HALF_CHANCE
     top = trainer.train_stack(rack.stacks[1], _data())
     assert top["cached_prefix"] and top["blocks"] == [2, 4] and _tail(top) < HALF_CHANCE
-    assert Trainer(config).train_stack(stack, _data(), rack=rack)["label"] == "stack 0"
+    assert Trainer(config).train_stack(stack, _data(), 2, rack=rack)["label"] == "stack 0"
     torch.manual_seed(0)
     fresh = Rack.from_config(config.model)
     whole = Trainer(config=config).train_rack(fresh, _data())
@@ -198,3 +198,15 @@ def test_fused_mode_delegates_to_the_fusion_trainer(tmp_path):
     assert [r["label"] for r in res["history"]] == ["fusion block 0", "fusion block 1"]
     assert res["rack"] is trainer.rack and len(trainer.history) == 2
     assert (tmp_path / "backups" / res["run_id"] / "metadata.json").is_file()
+
+
+def test_diffusion_ratio_grows_with_depth():
+    config = _config(
+        max_steps=8,
+        progressive={"training_objective": "diffusion"},
+        masking={"min_fraction": 0.2, "max_fraction": 0.8},
+    )
+    trainer = Trainer(config, tokenizer_ids={"mask": VOCAB - 1})
+    res = trainer.train(None, _data(2))
+    assert [round(r["mask_ratio"], 6) for r in res["history"]] == [0.2, 0.4, 0.6, 0.8]
+    assert all(math.isfinite(v) for r in res["history"] for v in r["losses"])
