@@ -289,8 +289,8 @@ def load_stage_checkpoint(directory: str | os.PathLike[str], config, **trainer_k
     from stackwise.training.rack_builder import ProgressiveRackBuilder
 
     folder = latest_checkpoint(directory)
-    meta_path = folder / "builder.json"
-    mode = json.loads(meta_path.read_text())["building_mode"] if meta_path.is_file() else None
+    _verified(folder)  # before reading builder.json for the building mode
+    mode = json.loads((folder / "builder.json").read_text())["building_mode"]
     builder = ProgressiveRackBuilder(config, building_mode=mode)
     trainer = ProgressiveTrainer(config, checkpoint_dir=str(directory), **trainer_kwargs)
     load_checkpoint_into(directory, trainer, builder)

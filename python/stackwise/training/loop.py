@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from stackwise.exceptions import ModelError, TrainingError
+from stackwise.training.batches import check_loader, parse_batch
 from stackwise.training.optim import build_optimizer, clip_gradients, lr_lambda
 from stackwise.training.strategies.caching import CacheManager
 from stackwise.training.strategies.masking import (
@@ -102,55 +103,11 @@ class SegmentTrainer:
     # -- batches --------------------------------------------------------------------------------
 
     def parse_batch(self, batch, batch_idx: int) -> dict[str, Tensor | None]:
-        """Check one batch and return ``input_ids``, ``attention_mask``, ``labels``,
-        ``sample_id``; a malformed batch raises :class:`TrainingError` saying what was wrong."""
-        if isinstance(batch, Tensor):
-            batch = {"input_ids": batch}
-        if not isinstance(batch, dict) or "input_ids" not in batch:
-            raise TrainingError(
-                f"batch {batch_idx}: a batch must be a LongTensor [B, S] or a dict with "
-                f"'input_ids', got {type(batch).__name__}"
-            )
-        ids = batch["input_ids"]
-        if (
-            not isinstance(ids, Tensor)
-            or ids.dim() != 2
-            or ids.dtype not in (torch.int64, torch.int32)
-            or ids.numel() == 0
-        ):
-            raise TrainingError(
-                f"batch {batch_idx}: input_ids must be a non-empty integer tensor [B, S], got "
-                f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}"
-                f"{f' {ids.dtype}' if isinstance(ids, Tensor) else ''}"
-            )
-        b, s = ids.shape
-        max_len = self.config.model.max_seq_len
-        if s > max_len:
-            raise TrainingError(
-                f"batch {batch_idx}: sequence of {s} tokens exceeds model.max_seq_len {max_len}"
-            )
-        vocab = self.config.model.vocab_size
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise TrainingError(
-                f"batch {batch_idx}: input_ids must lie in [0, {vocab}), got "
-                f"[{int(ids.min())}, {int(ids.max())}]"
-            )
-        out: dict[str, Tensor | None] = {"input_ids": ids.long()}
-        for key in ("attention_mask", "labels"):
-            value = batch.get(key)
-            if value is not None and (
-                not isinstance(value, Tensor) or tuple(value.shape) != (b, s)
-            ):
-                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise TrainingError(f"batch {batch_idx}: {key} must have shape {(b, s)}, got {got}")
-            out[key] = value
-        if out["attention_mask"] is not None:
-            out["attention_mask"] = out["attention_mask"].bool()
-        sid = batch.get("sample_id")
-        out["sample_id"] = (
-            torch.arange(b) + batch_idx * b if sid is None else torch.as_tensor(sid).long()
-        )
-        return out
+        """Check one batch (:func:`stackwise.training.batches.parse_batch`) and return
+        ``input_ids``, ``attention_mask``, ``labels``, ``sample_id``; a malformed batch raises
+        :class:`TrainingError` saying what was wrong."""
+        m = self.config.model
+        return parse_batch(batch, batch_idx, m.vocab_size, m.max_seq_len)
 
     def corrupt(self, parsed: dict[str, Tensor | None], ratio: float) -> tuple[Tensor, Tensor]:
         """``(model inputs, labels)`` for the configured objective at mask ratio ``ratio``."""
@@ -265,8 +222,14 @@ class SegmentTrainer:
         whose groups carry a ``name``. ``label`` ("block 3", "stack 1", ...) names the unit in
         errors. Returns the record appended to :attr:`history`."""
         cfg = self.training
+        if getattr(model, "time_embedding", None) is not None:
+            raise TrainingError(
+                f"{label}: the rack is time-conditioned (time_interpretation 'input'); this "
+                "trainer feeds no noise level: use ProgressiveTrainer"
+            )
         if not 0 <= start < end <= len(modules):
             raise TrainingError(f"{label}: segment [{start}, {end}) is outside 0..{len(modules)}")
+        check_loader(dataloader)
         n_batches = count_batches(dataloader)
         if n_batches == 0:
             raise TrainingError(f"{label}: the dataloader yielded no batches")

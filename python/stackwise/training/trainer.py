@@ -18,6 +18,10 @@ LM head, on the cached boundary activations of the frozen blocks before it.
 - ``fused``: fusion training, delegated to
   :class:`~stackwise.training.core.fusion_trainer.FusionTrainer`.
 
+With the mlm / diffusion objectives, a unit ending at block k is trained at the mask ratio of
+the ``training.masking`` schedule at k (deeper units see more masking; ``max_fraction``
+everywhere when ``training.time_step_masking`` is false).
+
 The embeddings train with the unit that holds block 0 (unless ``freeze_embeddings``) and are
 frozen afterwards, so the cached activations of later units stay valid; the final norm (and an
 untied LM head) train with every unit. Each unit takes ``max_steps`` optimizer steps when given,
@@ -183,6 +187,8 @@ class Trainer(SegmentTrainer):
             {"name": "embeddings", "params": emb_params, "lr": lr},
         ]
         label = "rack" if kind == "rack" else f"{kind} {index}"
+        clm = self.training.progressive.training_objective == "clm"
+        ratio = 0.0 if clm else self._mask_ratio(end, len(blocks))
         torch.manual_seed(self.seed + start)  # dropout of this unit, reproducible on its own
         return self.train_segment(
             rack,
@@ -193,9 +199,15 @@ class Trainer(SegmentTrainer):
             groups,
             steps,
             label=label,
-            ratio=self._mask_ratio(end, len(blocks)),
+            ratio=ratio,
             cache_prefix=self.cache_activations,
-            info={"mode": self.mode, "unit": kind, "index": index, "blocks": [start, end]},
+            info={
+                "mode": self.mode,
+                "unit": kind,
+                "index": index,
+                "blocks": [start, end],
+                "mask_ratio": ratio,
+            },
         )
 
     # -- the documented entry points ------------------------------------------------------------

@@ -145,9 +145,16 @@ def test_custom_layers_learn(tmp_path):
     assert sum(res["history"][-1]["losses"][-5:]) / 5 < HALF_CHANCE
 
 
-def test_dual_lora_trains_the_new_block_through_adapters(tmp_path):
-    config = _fusion_config(tmp_path, total_blocks=2, max_steps=20, quantization_type="bf16")
-    trainer = FusionTrainer(config, dataloader=_data(), dual_lora=True)
+def test_dual_lora_trains_the_new_block_with_its_own_adapters(tmp_path):
+    config = _fusion_config(
+        tmp_path,
+        total_blocks=2,
+        max_steps=20,
+        quantization_type="bf16",
+        qlora={"rank": 4, "alpha": 8.0, "dropout": 0.0, "lr": 2e-3, "new_stack_lora": True},
+    )
+    trainer = FusionTrainer(config, dataloader=_data())
+    assert trainer.dual_lora  # from training.qlora.new_stack_lora
     merged = {}
 
     class _MergedWeights:
@@ -160,15 +167,19 @@ def test_dual_lora_trains_the_new_block_through_adapters(tmp_path):
     trainer.callbacks.append(_MergedWeights())
     before = {n: m.weight.clone() for n, m in _linears(trainer.blocks[1]).items()}
     res = trainer.train()
+    assert res["history"][1]["param_groups"] == ["current_block", "current_block_lora", "head"]
     assert len(merged) == 7
-    # Block 0 joined the backbone with its adapters merged: the backup holds base + BA·s.
+    # Block 0 joined the backbone with its LoRA merged: the backup holds W + BA·s, and the
+    # backbone was converted from it.
     backup = trainer._restore_full_precision_weights_from_disk(block_indices=[0])[0]
     for name, weight in merged.items():
         torch.testing.assert_close(backup[f"{name}.weight"], weight, rtol=1e-6, atol=1e-6)
-    # Block 1 trained through its adapters; its full-precision weights did not move.
+        layer = trainer.blocks[0].get_submodule(name)
+        assert isinstance(layer, QuantizedLinear) and layer.precision == "bf16"
+    # Block 1 trained, its weights and its adapters (B starts at zero) both.
     for name, adapter in _linears(trainer.blocks[1]).items():
         assert isinstance(adapter, QLoRAAdapter)
-        assert torch.equal(adapter.base_layer.weight, before[name])
+        assert not torch.equal(adapter.base_layer.weight, before[name])
         assert adapter.lora_B.abs().sum() > 0
     assert res["history"][1]["losses"][-1] < res["history"][1]["losses"][0]
 
@@ -226,3 +237,19 @@ def test_errors(tmp_path):
     config.training.fusion_mode = "melted"
     with pytest.raises(ConfigurationError, match="training.fusion_mode: 'melted' is not one of"):
         FusionTrainer(config)
+
+
+def test_qlora_optimizer_adapts_a_backbone_converted_frozen(tmp_path):
+    config = _fusion_config(tmp_path, max_steps=3, quantization_type="int8")
+    trainer = FusionTrainer(config, dataloader=_data(1))
+    trainer.train_with_frozen_backbone()
+    packed = trainer.blocks[0].blocks[0].attn.q_proj.qweight.clone()
+    optimizer = trainer._setup_fusion_optimizer(trainer.blocks, True, 2)
+    assert [g["name"] for g in optimizer.param_groups] == [
+        "current_block",
+        "qlora_backbone",
+        "head",
+    ]
+    adapter = trainer.blocks[0].blocks[0].attn.q_proj
+    assert isinstance(adapter, QLoRAAdapter) and adapter.base_layer.precision == "int8"
+    assert torch.equal(adapter.base_layer.qweight, packed)  # wrapped as it was, not requantized

@@ -34,7 +34,7 @@ def test_documented_snippet_units_learn():
     assert second["label"] == "block 1" and _tail(second) < HALF_CHANCE
     top = trainer.train_stack(rack.stacks[1], _data())
     assert top["cached_prefix"] and top["blocks"] == [2, 4] and _tail(top) < HALF_CHANCE
-    assert Trainer(config).train_stack(stack, _data(), rack=rack)["label"] == "stack 0"
+    assert Trainer(config).train_stack(stack, _data(), 2, rack=rack)["label"] == "stack 0"
     torch.manual_seed(0)
     fresh = Rack.from_config(config.model)
     whole = Trainer(config=config).train_rack(fresh, _data())
@@ -158,24 +158,33 @@ def test_errors():
     trainer = Trainer(config)
     with pytest.raises(TrainingError, match="no batches"):
         trainer.train_block(0, [])
-    with pytest.raises(TrainingError, match=r"input_ids must be a non-empty integer tensor"):
+    with pytest.raises(
+        TrainingError, match=r"batch 0: input_ids must be an integer tensor \[B, S\]"
+    ):
         trainer.train_block(0, [torch.zeros(2, 3, 4, dtype=torch.long)])
     with pytest.raises(TrainingError, match="input_ids must be"):
         trainer.train_block(0, [torch.zeros(2, 8)])  # float ids
     mask = torch.ones(8, 15, dtype=torch.bool)
-    with pytest.raises(TrainingError, match=r"attention_mask must have shape \(8, 16\)"):
+    with pytest.raises(
+        TrainingError, match=r"attention_mask must be a tensor \[8, 16\], got \(8, 15\)"
+    ):
         trainer.train_block(0, [{"input_ids": _data(1)[0]["input_ids"], "attention_mask": mask}])
-    with pytest.raises(TrainingError, match="exceeds model.max_seq_len 32"):
+    with pytest.raises(TrainingError, match="exceed model.max_seq_len=32"):
         trainer.train_block(0, [torch.zeros(2, 40, dtype=torch.long)])
-    with pytest.raises(TrainingError, match=r"must lie in \[0, 24\)"):
+    with pytest.raises(TrainingError, match=r"input_ids must be in \[0, 24\)"):
         trainer.train_block(0, [torch.full((2, 8), 99)])
     with pytest.raises(TrainingError, match="a batch must be a LongTensor"):
         trainer.train_block(0, [[1, 2, 3]])
+    with pytest.raises(TrainingError, match="must be re-iterable"):
+        trainer.train_block(0, iter(_data()))
     with pytest.raises(TrainingError, match="block index 9 is outside 0..3"):
         trainer.train_block(9, _data())
     stranger = Rack.from_config(config.model).stacks[0]
     with pytest.raises(TrainingError, match="not a stack of the trainer's rack"):
         trainer.train_stack(stranger, _data())
+    timed = Rack.from_config(config.model, time_embedding=True)
+    with pytest.raises(TrainingError, match="rack is time-conditioned"):
+        trainer.train_rack(timed, _data())
     config.training.mode = "sideways"
     with pytest.raises(ConfigurationError, match="training.mode: 'sideways' is not one of"):
         Trainer(config)
@@ -189,3 +198,15 @@ def test_fused_mode_delegates_to_the_fusion_trainer(tmp_path):
     assert [r["label"] for r in res["history"]] == ["fusion block 0", "fusion block 1"]
     assert res["rack"] is trainer.rack and len(trainer.history) == 2
     assert (tmp_path / "backups" / res["run_id"] / "metadata.json").is_file()
+
+
+def test_diffusion_ratio_grows_with_depth():
+    config = _config(
+        max_steps=8,
+        progressive={"training_objective": "diffusion"},
+        masking={"min_fraction": 0.2, "max_fraction": 0.8},
+    )
+    trainer = Trainer(config, tokenizer_ids={"mask": VOCAB - 1})
+    res = trainer.train(None, _data(2))
+    assert [round(r["mask_ratio"], 6) for r in res["history"]] == [0.2, 0.4, 0.6, 0.8]
+    assert all(math.isfinite(v) for r in res["history"] for v in r["losses"])

@@ -26,9 +26,11 @@ converted to a lower storage precision once their full-precision weights are bac
 - ``fusion_mode="trainable"`` (or ``"qlora"``): the backbone's linear layers become
   :class:`QLoRAAdapter` s over ``training.quantization_type`` weights; the adapters train with
   the current block (learning rate ``training.qlora.lr``), so the backbone runs every step.
-- ``dual_lora=True``: the current block trains through LoRA adapters too (its full-precision
-  weights frozen; merged into them once the block joins the backbone), e.g. to adapt
-  pretrained layers given to :meth:`FusionTrainer.train_with_custom_model`.
+- dual-LoRA (``training.qlora.new_stack_lora``, or ``dual_lora=True``): the current block's
+  linear layers also carry a LoRA (``qlora.rank``/``qlora.alpha`` over the full-precision
+  layer) that trains with the block in its own group ``current_block_lora`` at
+  ``training.qlora.lr``, as ProgressiveTrainer's new stacks do; it is merged into the block's
+  weights before the block is backed up and joins the backbone.
 """
 
 from __future__ import annotations
@@ -248,14 +250,17 @@ def load_peft_adapters(model: nn.Module, directory: str | os.PathLike[str]) -> N
 FUSION_MODES = {"frozen": "frozen", "trainable": "trainable", "qlora": "trainable"}
 
 
-def _linear_children(
-    module: nn.Module, skip_up_proj: bool
-) -> list[tuple[nn.Module, str, nn.Linear]]:
+def _linear_children(module: nn.Module, skip_up_proj: bool) -> list[tuple[nn.Module, str, Any]]:
+    """``(parent, attribute, layer)`` of each nn.Linear / QuantizedLinear not yet adapted."""
     out = []
     for name, child in list(module.named_modules()):
-        if isinstance(child, nn.Linear) and not (skip_up_proj and name.endswith("up_proj")):
-            parent_name, _, attr = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
+        if not isinstance(child, (nn.Linear, QuantizedLinear)):
+            continue
+        if skip_up_proj and name.endswith("up_proj"):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        if not isinstance(parent, QLoRAAdapter):
             out.append((parent, attr, child))
     return out
 
@@ -283,7 +288,7 @@ class FusionTrainer(SegmentTrainer):
         run_id: names the weight backup folder; default ``training.run_id`` or a new id.
         backup_dir: folder holding the run folders; default ``<checkpointing.dir>/backups``.
         backup_precision: precision of the disk backups ("fp32", "fp16" or "bf16").
-        dual_lora: the current block trains through LoRA adapters too.
+        dual_lora: dual-LoRA (module docstring); default ``training.qlora.new_stack_lora``.
         steps_per_block: optimizer steps per block; default ``training.max_steps`` split
             evenly over the blocks, or one pass over the loader.
         cache_activations: read a frozen backbone's output from the activation cache (default
@@ -302,7 +307,7 @@ class FusionTrainer(SegmentTrainer):
         run_id: str | None = None,
         backup_dir: str | os.PathLike[str] | None = None,
         backup_precision: str = "fp32",
-        dual_lora: bool = False,
+        dual_lora: bool | None = None,
         steps_per_block: int | None = None,
         cache_activations: bool | None = None,
         tokenizer_ids: dict[str, int] | None = None,
@@ -321,7 +326,9 @@ class FusionTrainer(SegmentTrainer):
         self.run_id = run_id or config.training.run_id or new_run_id()
         self.backup_root = backup_dir
         self.backup_precision = canonical_backup_precision(backup_precision)
-        self.dual_lora = bool(dual_lora)
+        self.dual_lora = (
+            bool(config.training.qlora.new_stack_lora) if dual_lora is None else bool(dual_lora)
+        )
         self.steps_per_block = steps_per_block
         self.cache_activations = (
             config.training.progressive.cache_activations
@@ -503,7 +510,8 @@ class FusionTrainer(SegmentTrainer):
         self, trainable_blocks, qlora_enabled: bool, current_block_idx: int
     ) -> torch.optim.Optimizer:
         """The optimizer of one fusion step: ``current_block`` (block ``current_block_idx`` of
-        ``trainable_blocks``; lr ``training.learning_rate``), ``qlora_backbone`` (the LoRA
+        ``trainable_blocks``; lr ``training.learning_rate``), with dual-LoRA
+        ``current_block_lora`` (its LoRA; lr ``training.qlora.lr``), ``qlora_backbone`` (the LoRA
         adapters of the blocks before it when ``qlora_enabled``, attached if missing; lr
         ``training.qlora.lr``), ``head`` (final norm, untied LM head) and, with block 0,
         ``embeddings``. Sets ``requires_grad`` to match: everything else is frozen."""
@@ -517,30 +525,20 @@ class FusionTrainer(SegmentTrainer):
             p.requires_grad_(False)
         current = blocks[current_block_idx]
         backbone = blocks[:current_block_idx]  # later blocks do not run: untouched
-        if self.dual_lora:
-            if not any(isinstance(m, QLoRAAdapter) for m in current.modules()):
-                self._wrap_with_lora(current, None)
-            linear_ids = {
-                id(p)
-                for m in current.modules()
-                if isinstance(m, QLoRAAdapter)
-                for p in m.base_layer.parameters()
-            }
-            current_params = [p for p in current.parameters() if id(p) not in linear_ids]
-        else:
-            current_params = list(current.parameters())
+        if self.dual_lora and not _adapter_params(current):
+            self._wrap_with_lora(current, None)
+        current_lora = _adapter_params(current) if self.dual_lora else []
+        lora_ids = {id(p) for p in current_lora}
+        current_params = [p for p in current.parameters() if id(p) not in lora_ids]
         backbone_params = []
         if qlora_enabled:
+            target = None if self.backbone_precision == "fp32" else self.backbone_precision
             for b in backbone:
-                if not _adapter_params(b):
-                    idx = self._block_index(b, -1)
-                    if idx >= 0:
-                        self.retire_block(idx, trainable=True)
-                    else:
-                        self._wrap_with_lora(
-                            b,
-                            None if self.backbone_precision == "fp32" else self.backbone_precision,
-                        )
+                idx = self._block_index(b, -1)
+                if idx >= 0:
+                    self.retire_block(idx, trainable=True)  # backed up, then adapted
+                if not _adapter_params(b):  # a foreign block, or one retired frozen
+                    self._wrap_with_lora(b, target)
                 backbone_params += _adapter_params(b)
         first = self._block_index(current, current_block_idx) == 0
         table = model.lexical.get_embeddings().table.weight
@@ -558,6 +556,7 @@ class FusionTrainer(SegmentTrainer):
         t = self.training
         groups = [
             {"name": "current_block", "params": current_params, "lr": t.learning_rate},
+            {"name": "current_block_lora", "params": current_lora, "lr": t.qlora.lr},
             {"name": "qlora_backbone", "params": backbone_params, "lr": t.qlora.lr},
             {"name": "head", "params": head, "lr": t.learning_rate},
             {"name": "embeddings", "params": emb, "lr": t.learning_rate},
