@@ -19,9 +19,9 @@ Batches: a LongTensor [B, S] of token ids or a dict with ``input_ids`` and optio
 ``training.progressive.training_objective`` (clm / mlm / diffusion), as in
 :class:`~stackwise.training.progressive.ProgressiveTrainer`.
 
-One step is one optimizer step over ``training.optimizer.grad_accumulation`` batches (the loss of
-each divided by the count), so 2 batches of B/2 with accumulation 2 make the same update as one
-batch of B. ``losses`` in a record are per optimizer step (mean over its batches).
+One step is one optimizer step over ``training.optimizer.grad_accumulation`` batches, weighted
+by their loss tokens, so 2 batches of B/2 with accumulation 2 make the same update as one batch
+of B, padding or not. ``losses`` in a record are per optimizer step (the mean over its tokens).
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ class SegmentTrainer:
         losses: list[float] = []
         step_times: list[float] = []
         tokens, micro, step = 0, 0, 0
-        running = 0.0
+        running, step_tokens = 0.0, 0
         t_start = t_step = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         while step < steps:
@@ -286,20 +286,27 @@ class SegmentTrainer:
                         f"loss is {value} at step {step} (batch {micro % accum} of the step) "
                         f"while training {label}"
                     )
-                (loss / accum).backward()
-                running += value / accum
+                # Token-weighted: the step's gradient is that of the mean loss over all its
+                # tokens, as one batch holding every micro-batch would give.
+                (loss * n_tok).backward()
+                running += value * n_tok
+                step_tokens += n_tok
                 tokens += n_tok
                 micro += 1
                 if micro % accum:
                     continue
+                if step_tokens > 0:
+                    for p in trainable:
+                        if p.grad is not None:
+                            p.grad.div_(step_tokens)
                 clip_gradients(trainable, cfg.optimizer.grad_clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 if after_step is not None:
                     after_step()
-                losses.append(running)
-                running = 0.0
+                losses.append(running / step_tokens if step_tokens else 0.0)
+                running, step_tokens = 0.0, 0
                 now = time.perf_counter()
                 step_times.append(now - t_step)
                 t_step = now
