@@ -521,6 +521,21 @@ bool fits(K kernel, size_t bytes) {
   return true;
 }
 
+// Launches the 64 x 64 tile kernel when its shared memory fits the device, else the 32 x 32 one,
+// else fails saying what the device allows. launch(kernel, tile, bytes) does the launch.
+template <typename KBig, typename KSmall, typename Launch>
+void launch_fitting(const char* op, KBig big, size_t big_bytes, KSmall small, size_t small_bytes,
+                    Launch&& launch) {
+  if (fits(big, big_bytes)) {
+    launch(big, 64, big_bytes);
+    return;
+  }
+  TORCH_CHECK(fits(small, small_bytes), op, ": this device's shared memory per block (",
+              at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin,
+              " bytes) is below the ", small_bytes, " bytes the smallest tile needs");
+  launch(small, 32, small_bytes);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, std::optional<double> scale) {
@@ -556,17 +571,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
       kernel<<<grid, bm / 16 * 32, bytes, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    constexpr size_t big = FwdSmem<T, DQK, DV, 64, 64>::bytes;
-    constexpr size_t small = FwdSmem<T, DQK, DV, 32, 32>::bytes;
-    if (fits(attention_forward_kernel<T, DQK, DV, 64, 64>, big)) {
-      launch(attention_forward_kernel<T, DQK, DV, 64, 64>, 64, big);
-    } else {
-      TORCH_CHECK(fits(attention_forward_kernel<T, DQK, DV, 32, 32>, small), op,
-                  ": this device's shared memory per block (",
-                  at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin,
-                  " bytes) is below the ", small, " bytes the smallest tile needs");
-      launch(attention_forward_kernel<T, DQK, DV, 32, 32>, 32, small);
-    }
+    launch_fitting(op, attention_forward_kernel<T, DQK, DV, 64, 64>,
+                   FwdSmem<T, DQK, DV, 64, 64>::bytes, attention_forward_kernel<T, DQK, DV, 32, 32>,
+                   FwdSmem<T, DQK, DV, 32, 32>::bytes, launch);
   });
   return {out, lse};
 }
@@ -626,17 +633,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
       kernel<<<grid, bn / 16 * 32, bytes, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    constexpr size_t big = BwdSmem<T, DQK, DV, 64, 64>::bytes;
-    constexpr size_t small = BwdSmem<T, DQK, DV, 32, 32>::bytes;
-    if (fits(attention_backward_kernel<T, DQK, DV, 64, 64>, big)) {
-      launch(attention_backward_kernel<T, DQK, DV, 64, 64>, 64, big);
-    } else {
-      TORCH_CHECK(fits(attention_backward_kernel<T, DQK, DV, 32, 32>, small), op,
-                  ": this device's shared memory per block (",
-                  at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin,
-                  " bytes) is below the ", small, " bytes the smallest tile needs");
-      launch(attention_backward_kernel<T, DQK, DV, 32, 32>, 32, small);
-    }
+    launch_fitting(op, attention_backward_kernel<T, DQK, DV, 64, 64>,
+                   BwdSmem<T, DQK, DV, 64, 64>::bytes,
+                   attention_backward_kernel<T, DQK, DV, 32, 32>,
+                   BwdSmem<T, DQK, DV, 32, 32>::bytes, launch);
   });
   return {dq_acc.to(q.scalar_type()), dk, dv_out};
 }
