@@ -1,0 +1,98 @@
+"""Pieces of the run: the run directory's rules, metrics truncation on resume, the unigram
+baseline, byte counting, and the README's configuration reference (generated, never drifting)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stackwise.data.tokenizers import ByteTokenizer
+from stackwise.exceptions import ConfigurationError
+from stackwise.run.evaluate import text_bytes, unigram_loss
+from stackwise.run.metrics import MetricsWriter, read_metrics, truncate_after
+from stackwise.run.reference import DESCRIPTIONS, config_reference, readme_section
+from stackwise.run.rundir import RunDirectory
+
+README = Path(__file__).resolve().parents[3] / "README.md"
+
+
+def test_run_directory_rules(tmp_path):
+    run = RunDirectory(tmp_path / "r")
+    run.prepare()
+    run.config.write_text("model: {}\n")
+    with pytest.raises(ConfigurationError, match="already exists"):
+        RunDirectory(run.root).prepare()
+    RunDirectory(run.root).prepare(resume=True)
+    with pytest.raises(ConfigurationError, match="exclude each other"):
+        run.prepare(resume=True, overwrite=True)
+    run.prepare(overwrite=True)
+    assert run.root.is_dir() and not run.config.exists()
+    with pytest.raises(ConfigurationError, match="holds no run"):
+        run.prepare(resume=True)
+    with pytest.raises(ConfigurationError, match="not a run directory"):
+        run.require_run()
+
+
+def test_metrics_truncation_for_resume(tmp_path):
+    w = MetricsWriter(tmp_path / "m.jsonl")
+    common = dict(stack_index=0, n_stacks=1, target_stacks=2, steps=2, mask_ratio=0.0)
+    for stage in (0, 1):
+        w.write("stage_start", stage=stage, global_step=2 * stage, cache_fill_s=0.0, **common)
+        for step in (1, 2):
+            w.write(
+                "step",
+                stage=stage,
+                stack_index=stage,
+                step=step,
+                steps=2,
+                global_step=2 * stage + step,
+                loss=1.0,
+                lr=1e-3,
+                tokens=8,
+                tokens_per_s=1.0,
+                step_ms=1.0,
+            )
+    w.close()
+    assert truncate_after(tmp_path / "m.jsonl", global_step=2, completed_stages=1) == 3
+    kept = read_metrics(tmp_path / "m.jsonl")
+    assert [(r["type"], r["stage"]) for r in kept] == [("stage_start", 0), ("step", 0), ("step", 0)]
+
+
+def test_unigram_baseline_and_bytes():
+    train = np.array([0, 0, 1, 2])  # counts + 1 over a vocabulary of 4: 3, 2, 2, 1 of 8
+    assert unigram_loss(train, np.array([0, 3]), 4) == pytest.approx(
+        -(math.log(3 / 8) + math.log(1 / 8)) / 2
+    )
+    tok = ByteTokenizer()
+    ids = np.array(tok.encode("héllo") + [tok.eos_token_id, tok.pad_token_id])
+    assert text_bytes(tok, ids) == len("héllo".encode())
+
+
+def test_every_config_field_is_described():
+    reference = config_reference()
+    keys = [line.split("`")[1] for line in reference.splitlines() if line.startswith("| `")]
+    assert sorted(keys) == sorted(DESCRIPTIONS)
+    assert "| `training.progressive.building_mode` | str | `append` |" in reference
+
+
+def test_readme_configuration_reference_is_generated():
+    """The README section is exactly `stackwise config reference`; after changing a config
+    dataclass run `stackwise config reference --update README.md`."""
+    assert readme_section(README.read_text(encoding="utf-8")) == config_reference()
+
+
+def test_reference_update_rewrites_only_the_section(tmp_path):
+    from stackwise.run.reference import BEGIN, END, update_readme
+
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Title\n\n{BEGIN}\nold\n{END}\n\nafter\n")
+    assert update_readme(doc) is True
+    text = doc.read_text()
+    assert text.startswith("# Title\n\n") and text.endswith(f"{END}\n\nafter\n")
+    assert readme_section(text) == config_reference()
+    assert update_readme(doc) is False
+    json.dumps(DESCRIPTIONS)  # plain strings only
