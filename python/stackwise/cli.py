@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,15 +77,23 @@ def _train_command(args: argparse.Namespace) -> int:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise _UsageError(f"{bad[0]!r} is not an override of the form key.sub=value")
-    train_run(
-        args.config,
-        overrides,
-        args.run_dir,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        use_bar=False if args.no_progress_bar else None,
-        argv=["stackwise", *sys.argv[1:]],
-    )
+
+    def _stop(signum, frame):  # a terminated run is recorded like an interrupted one
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        train_run(
+            args.config,
+            overrides,
+            args.run_dir,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            use_bar=False if args.no_progress_bar else None,
+            argv=["stackwise", *sys.argv[1:]],
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -125,6 +134,8 @@ def _generate_command(args: argparse.Namespace) -> int:
         )
     if not run.masked and sampler != "ar":
         raise _UsageError(f"--sampler {sampler} needs an mlm or diffusion rack; this one is clm")
+    if run.masked and tok.mask_token_id is None:
+        raise _UsageError(f"tokenizer {tok.name!r} has no mask token; masked samplers need one")
     prompt = tok.encode(args.prompt)
     banned = (tok.mask_token_id, tok.pad_token_id)
     common = dict(
@@ -197,8 +208,9 @@ def _bench_command(args: argparse.Namespace) -> int:
     if args.kind == "e2e":
         scripts = [("e2e_depth.py", extra)]
     else:
-        names = [a for a in extra if not a.startswith("-")]
-        flags = [a for a in extra if a.startswith("-") or a not in names]
+        # leading words name benchmarks; the first option and what follows go to each script
+        n_names = next((i for i, a in enumerate(extra) if a.startswith("-")), len(extra))
+        names, flags = extra[:n_names], extra[n_names:]
         unknown = [n for n in names if n not in _OP_BENCHES]
         if unknown:
             raise _UsageError(f"unknown benchmark {unknown[0]!r}; one of {sorted(_OP_BENCHES)}")

@@ -71,13 +71,22 @@ def train_run(
         if config_path is None:
             raise ConfigurationError("--config FILE is required (or --resume with --run-dir)")
         run_dir = str(default_run_dir(config_path))
+    from stackwise.data import create_data_loaders
+    from stackwise.data.tokenizers import get_tokenizer
+
     run = RunDirectory(run_dir)
+    if resume and overwrite:
+        raise ConfigurationError("--resume and --overwrite exclude each other")
+    # Everything that can be wrong with the input is found before the run directory is touched.
     config = _load_config(config_path, overrides, run, resume)
+    tok = get_tokenizer(config.data.tokenizer)
+    _check_tokenizer(config, tok)
+    loaders = create_data_loaders(config, tokenizer=tok)
     run.prepare(resume=resume, overwrite=overwrite)
     out = stream if stream is not None else sys.stdout
     log = open(run.log, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
     try:
-        return _train(run, config, resume, out, log, use_bar, argv)
+        return _train(run, config, tok, loaders, resume, out, log, use_bar, argv)
     except BaseException as exc:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} FAILED\n{traceback.format_exc()}\n")
         log.flush()
@@ -92,10 +101,10 @@ def train_run(
         log.close()
 
 
-def _train(run: RunDirectory, config, resume: bool, out, log, use_bar, argv) -> dict[str, Any]:
+def _train(
+    run: RunDirectory, config, tok, loaders, resume: bool, out, log, use_bar, argv
+) -> dict[str, Any]:
     from stackwise import __version__
-    from stackwise.data import create_data_loaders
-    from stackwise.data.tokenizers import get_tokenizer
     from stackwise.model.architecture import save_rack
     from stackwise.run import plots
     from stackwise.run.evaluate import LoadedRun, evaluate_run
@@ -106,10 +115,9 @@ def _train(run: RunDirectory, config, resume: bool, out, log, use_bar, argv) -> 
 
     t0 = time.perf_counter()
     progress = ProgressCallback(config.training.log_every, out, log, use_bar)
-    config.to_yaml(run.config)
-    tok = get_tokenizer(config.data.tokenizer)
-    _check_tokenizer(config, tok)
-    train_loader, val_loader = create_data_loaders(config, tokenizer=tok)
+    if not resume:
+        config.to_yaml(run.config)
+    train_loader, val_loader = loaders
     n_train, n_val = len(train_loader.dataset), len(val_loader.dataset)
     eval_loader = val_loader if n_val > 0 else None
     prog = config.training.progressive
@@ -135,6 +143,8 @@ def _train(run: RunDirectory, config, resume: bool, out, log, use_bar, argv) -> 
         torch.manual_seed(config.training.seed)
         builder = ProgressiveRackBuilder(config=config, building_mode=prog.building_mode)
         trainer = ProgressiveTrainer(config=config, tokenizer_ids=ids)
+    if resume:  # only once the checkpoint has loaded under it: a misfit keeps the old config
+        config.to_yaml(run.config)
     trainer.checkpoint_dir = str(run.checkpoints)
     truncate_after(run.metrics, trainer.global_step, len(trainer.history))
     writer = MetricsWriter(run.metrics, str(run.tensorboard))

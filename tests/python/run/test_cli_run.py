@@ -153,6 +153,14 @@ def test_resume_grows_and_recovers(tmp_path, make_tiny, capsys):
     assert steps == sorted(steps) and len(steps) == len(set(steps))
     assert (run / "checkpoints" / "stage-001").is_dir()
 
+    # a resumed run cannot change the model; its config.yaml stays as it was
+    before = (run / "config.yaml").read_text()
+    assert main(["train", "--run-dir", str(run), "--resume", "model.d_ff=96"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit this configuration" in err[0] and "train.log" in err[0]
+    assert (run / "config.yaml").read_text() == before
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+
 
 def test_masked_run_eval_and_samplers(tmp_path, make_tiny, capsys):
     cfg = make_tiny(tmp_path, objective="diffusion", building="prepend")
