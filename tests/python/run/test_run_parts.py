@@ -96,3 +96,69 @@ def test_reference_update_rewrites_only_the_section(tmp_path):
     assert readme_section(text) == config_reference()
     assert update_readme(doc) is False
     json.dumps(DESCRIPTIONS)  # plain strings only
+
+
+def _drive(callback):
+    start = dict(
+        stage=0,
+        stack_index=0,
+        n_stacks=1,
+        target_stacks=2,
+        steps=4,
+        mask_ratio=0.0,
+        param_groups=["current_stack"],
+        cache_fill_s=0.0,
+    )
+    callback.on_stage_start(start)
+    for step in range(1, 5):
+        callback.on_step(
+            dict(
+                stage=0,
+                stack_index=0,
+                step=step,
+                steps=4,
+                global_step=step,
+                loss=2.0,
+                lr=1e-3,
+                tokens=8 * step,
+                tokens_per_s=100.0,
+                step_ms=1.0,
+            )
+        )
+    callback.on_eval(dict(stage=0, step=4, global_step=4, eval_loss=1.5))
+    callback.on_stage_end(
+        dict(
+            stage=0,
+            stack_index=0,
+            n_stacks=1,
+            steps=4,
+            tokens=32,
+            tokens_per_s=100.0,
+            wall_s=0.3,
+            cache_fill_s=0.0,
+            peak_memory_bytes=2**20,
+            mask_ratio=0.0,
+            losses=[2.0],
+        )
+    )
+    callback.close()
+
+
+def test_progress_lines_and_bar():
+    import io
+
+    from stackwise.run.progress import ProgressCallback
+
+    out, log = io.StringIO(), io.StringIO()
+    _drive(ProgressCallback(log_every=2, stream=out, log_file=log, use_bar=False))
+    lines = out.getvalue().splitlines()
+    steps = [line for line in lines if " lr " in line]
+    assert [line.split(" step ")[1].split()[0] for line in steps] == ["2/4", "4/4"]
+    assert steps[0].startswith("[stack 1/2]") and "tok/s 100" in steps[0] and "eta" in steps[0]
+    assert any("val loss 1.5000" in line for line in lines)
+    assert len(log.getvalue().splitlines()) == len(lines)
+
+    out, log = io.StringIO(), io.StringIO()
+    _drive(ProgressCallback(log_every=2, stream=out, log_file=log, use_bar=True))
+    assert "stack 1/2" in out.getvalue() and "4/4" in out.getvalue()  # the tqdm bar
+    assert sum(" lr " in line for line in log.getvalue().splitlines()) == 2
