@@ -3,6 +3,7 @@
 # run reuses the environment and rebuilds only what changed.
 #
 #   make test       CPU build + C++ and Python tests (what CI runs)
+#   make train      the same setup, then a progressive training run (configs/shakespeare-tiny.yaml)
 #   make gpu-test   offline GPU machine: system Python, no installs, CUDA tests and GPU benchmarks
 #   make bench      CPU benchmarks (bench/*.py), tables on stdout, JSON in bench/results/
 #   make lint       ruff
@@ -17,7 +18,7 @@ GPU_BUILD_DIR ?= build/gpu
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 
-.PHONY: test build venv sysdeps gpu-test bench lint clean info
+.PHONY: test train build venv sysdeps gpu-test bench lint clean info
 
 test: build
 	@echo "== build info"
@@ -29,6 +30,13 @@ test: build
 	else echo "C++ tests not built (GTest missing)"; exit 1; fi
 	@echo "== Python tests (pytest)"
 	$(VPY) -m pytest tests/python
+
+# A progressive run on the Shakespeare corpus into runs/shakespeare-tiny (about 10 minutes on 2
+# CPU cores). TRAIN_ARGS passes more options, e.g. TRAIN_ARGS=--overwrite or --resume.
+TRAIN_CONFIG ?= configs/shakespeare-tiny.yaml
+TRAIN_ARGS ?=
+train: build
+	$(VPY) -m stackwise train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
 venv: $(VENV)/.requirements.stamp
 

@@ -18,6 +18,13 @@ rope op rotates the leading ``rotary_dim`` features.
 
 ``reference=True`` runs the same weights through plain PyTorch (SDPA with repeated K/V, explicit
 RoPE, explicit linear attention): the oracle the tests compare with.
+
+Incremental decoding: :meth:`Attention.forward_cached` takes a :class:`KVCache` holding the keys
+(after RoPE, before any feature map) and values of the positions already seen, [B, Hkv, T, D];
+new positions are rotated at offset T, appended, and attend to all T + S keys (bottom-right
+causal alignment). A first call on an empty cache is exactly :meth:`Attention.forward`; later
+calls compute the few new query rows in plain PyTorch, since the native attention op needs as
+many queries as keys.
 """
 
 from __future__ import annotations
@@ -49,6 +56,31 @@ class RMSNorm(nn.Module):
         if self.reference:
             return reference.rms_norm_reference(x, self.weight, self.eps).to(x.dtype)
         return ops.rms_norm(x, self.weight, self.eps)
+
+
+class KVCache:
+    """Keys and values of the positions one attention layer has already processed.
+
+    ``k`` [B, Hkv, T, Dqk] (rotated, no feature map) and ``v`` [B, Hkv, T, Dv]; empty at first.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else int(self.k.shape[2])
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new positions; returns all keys and values so far."""
+        k, v = k.detach().contiguous(), v.detach().contiguous()
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -234,6 +266,46 @@ class Attention(nn.Module):
                 v.dtype
             )
         return ops.linear_attention(phi_q, phi_k, v, causal=self.causal)
+
+    def forward_cached(self, x: Tensor, cache: KVCache) -> Tensor:
+        """x [B, S, d_model]: the S positions after the ``cache.length`` already seen ->
+        [B, S, d_model]; appends their keys and values to ``cache`` (no padding mask)."""
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ModelError(
+                f"attention input must be [B, S, {self.d_model}], got {tuple(x.shape)}"
+            )
+        offset = cache.length
+        q, k, v = self._qkv(x, offset)
+        keys, values = cache.append(k, v)
+        if offset == 0:  # prefill: exactly the uncached path
+            if self.kernel_type is not None:
+                out = self._kernel_attention(q, k, v, None)
+            else:
+                out = self._softmax_attention(q, k, v, None)
+        else:
+            out = self._attend_cached(q, keys, values, offset)
+        b, _, s, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        return self.dropout(self.o_proj(out))
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+        """New queries [B, H, S, D] at positions offset.. against all keys [B, Hkv, T, D]."""
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        s, t = q.shape[2], k.shape[2]
+        allowed = torch.ones(s, t, dtype=torch.bool, device=q.device)
+        if self.causal:  # query i sits at position offset + i
+            allowed = allowed.tril(diagonal=offset)
+        if self.kernel_type is not None:
+            phi_q, phi_k = self.feature_map(q).float(), self.feature_map(k).float()
+            scores = (phi_q @ phi_k.transpose(-1, -2)) * allowed
+            out = (scores @ v.float()) / (scores.sum(-1, keepdim=True) + 1e-6)
+            return out.to(v.dtype)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return (torch.softmax(scores, -1) @ v.float()).to(v.dtype)
 
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, position_offset: int = 0

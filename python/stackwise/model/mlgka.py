@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from stackwise.exceptions import ModelError
-from stackwise.model.attention import Attention, RMSNorm
+from stackwise.model.attention import Attention, KVCache, RMSNorm
 from stackwise.model.ffn import SwiGLUFFN
 
 
@@ -82,4 +82,10 @@ class MLGKALayer(nn.Module):
         self, x: Tensor, key_padding_mask: Tensor | None = None, position_offset: int = 0
     ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), key_padding_mask, position_offset)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def forward_cached(self, x: Tensor, cache: KVCache) -> Tensor:
+        """The block on the positions after those in ``cache`` (incremental decoding); see
+        :meth:`Attention.forward_cached`."""
+        x = x + self.attn.forward_cached(self.attn_norm(x), cache)
         return x + self.ffn(self.ffn_norm(x))

@@ -1,0 +1,180 @@
+"""``metrics.jsonl``: one JSON object per line, each with a ``type``; and TensorBoard events when
+tensorboardX is importable.
+
+Record types and their keys (every record also has ``time``, seconds since the Unix epoch):
+
+- ``stage_start``: stage, stack_index, n_stacks, target_stacks, steps, mask_ratio,
+  global_step (steps taken before this stage), cache_fill_s
+- ``step`` (every ``training.log_every`` steps and at the last step of a stage): stage,
+  stack_index, step, steps, global_step, loss, lr, tokens, tokens_per_s, step_ms
+- ``eval`` (every ``training.eval_every`` steps and at the end of each stage): stage, step,
+  global_step, eval_loss
+- ``stage_end``: stage, stack_index, n_stacks, steps, global_step, train_loss (mean of the
+  stage's last 10% of steps), eval_loss (null without a validation split), tokens,
+  tokens_per_s, wall_s, cache_fill_s, peak_memory_bytes, mask_ratio
+- ``final``: val_loss, perplexity, bits_per_byte, unigram_loss, masked_accuracy (null for causal
+  racks), wall_s
+
+Losses are mean cross entropy in nats per predicted token. :data:`SCHEMA` lists the keys and
+:func:`check_record` validates a record against it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA: dict[str, tuple[str, ...]] = {
+    "stage_start": (
+        "stage",
+        "stack_index",
+        "n_stacks",
+        "target_stacks",
+        "steps",
+        "mask_ratio",
+        "global_step",
+        "cache_fill_s",
+    ),
+    "step": (
+        "stage",
+        "stack_index",
+        "step",
+        "steps",
+        "global_step",
+        "loss",
+        "lr",
+        "tokens",
+        "tokens_per_s",
+        "step_ms",
+    ),
+    "eval": ("stage", "step", "global_step", "eval_loss"),
+    "stage_end": (
+        "stage",
+        "stack_index",
+        "n_stacks",
+        "steps",
+        "global_step",
+        "train_loss",
+        "eval_loss",
+        "tokens",
+        "tokens_per_s",
+        "wall_s",
+        "cache_fill_s",
+        "peak_memory_bytes",
+        "mask_ratio",
+    ),
+    "final": (
+        "val_loss",
+        "perplexity",
+        "bits_per_byte",
+        "unigram_loss",
+        "masked_accuracy",
+        "wall_s",
+    ),
+}
+
+
+def check_record(record: dict[str, Any]) -> None:
+    """Raise ValueError when ``record`` lacks a key of its type (or has an unknown type)."""
+    kind = record.get("type")
+    if kind not in SCHEMA:
+        raise ValueError(f"unknown record type {kind!r}; known: {sorted(SCHEMA)}")
+    missing = [k for k in ("time", *SCHEMA[kind]) if k not in record]
+    if missing:
+        raise ValueError(f"{kind} record lacks {missing}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record of a ``metrics.jsonl`` (a torn last line, from a crash, is skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class MetricsWriter:
+    """Appends records to ``metrics.jsonl`` (flushed per record, so a crash loses at most the
+    line being written) and mirrors scalars to TensorBoard when tensorboardX is importable."""
+
+    def __init__(self, path: str | os.PathLike[str], tensorboard_dir: str | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self._tb = SummaryWriter(str(tensorboard_dir))
+
+    @property
+    def tensorboard(self) -> bool:
+        return self._tb is not None
+
+    def write(self, kind: str, **fields: Any) -> dict[str, Any]:
+        record = {"type": kind, "time": round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in fields.items()})
+        check_record(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            self._tensorboard(record)
+        return record
+
+    def _tensorboard(self, record: dict[str, Any]) -> None:
+        kind, step = record["type"], record.get("global_step")
+        if kind == "step":
+            for key in ("loss", "lr", "tokens_per_s"):
+                self._tb.add_scalar(f"train/{key}", record[key], step)
+        elif kind == "eval" and record["eval_loss"] is not None:
+            self._tb.add_scalar("val/loss", record["eval_loss"], step)
+        elif kind == "stage_end":
+            self._tb.add_scalar("stage/peak_memory_mb", record["peak_memory_bytes"] / 2**20, step)
+            self._tb.add_scalar("stage/tokens_per_s", record["tokens_per_s"], step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def truncate_after(path: str | os.PathLike[str], global_step: int, completed_stages: int) -> int:
+    """Drop the records a resumed run will write again: steps and evaluations past
+    ``global_step`` and stage records of stages not completed. Returns how many were dropped."""
+    from stackwise._io import atomic_write_text
+
+    records = read_metrics(path)
+    keep = []
+    for r in records:
+        kind = r.get("type")
+        if kind in ("step", "eval") and r.get("global_step", 0) > global_step:
+            continue
+        if kind in ("stage_start", "stage_end") and r.get("stage", 0) >= completed_stages:
+            continue
+        if kind == "final":
+            continue
+        keep.append(r)
+    if len(keep) != len(records):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return len(records) - len(keep)

@@ -1,0 +1,227 @@
+"""``stackwise train``: one progressive training run, from a configuration file to a run directory
+(layout in :mod:`stackwise.run.rundir`).
+
+    summary = train_run("configs/shakespeare-tiny.yaml", overrides=["training.lr=3e-4"])
+
+Data loaders come from :func:`~stackwise.data.create_data_loaders`; the rack grows in the
+configured building mode with :class:`~stackwise.training.ProgressiveTrainer`, which checkpoints
+each stage into ``<run>/checkpoints``; ``resume=True`` continues from the newest checkpoint. The
+final rack is evaluated on the whole validation split and compared with the unigram baseline.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from stackwise.exceptions import ConfigurationError
+from stackwise.run.rundir import RunDirectory, default_run_dir
+
+
+def _load_config(config_path, overrides, run: RunDirectory | None, resume: bool):
+    from stackwise.config.base import StackWiseConfig
+
+    if config_path is not None:
+        config = StackWiseConfig.from_yaml(config_path, overrides=overrides)
+    elif resume and run is not None:
+        if not run.is_run():
+            raise ConfigurationError(f"cannot resume: {run.root} holds no run (no config.yaml)")
+        config = StackWiseConfig.from_yaml(run.config, overrides=overrides)
+    else:
+        raise ConfigurationError("--config FILE is required (or --resume with --run-dir)")
+    return config.validate()
+
+
+def _check_tokenizer(config, tok) -> None:
+    if config.model.vocab_size < tok.vocab_size:
+        raise ConfigurationError(
+            f"{config.model.vocab_size} is smaller than the vocabulary of tokenizer "
+            f"{tok.name!r} ({tok.vocab_size})",
+            "model.vocab_size",
+        )
+
+
+def _tokenizer_ids(tok) -> dict[str, int]:
+    ids = {"mask": tok.mask_token_id, "pad": tok.pad_token_id, "eos": tok.eos_token_id}
+    return {k: int(v) for k, v in ids.items() if v is not None}
+
+
+def train_run(
+    config_path: str | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    run_dir: str | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stream: IO[str] | None = None,
+    use_bar: bool | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) a run; returns its summary (also written to ``summary.json``).
+
+    Errors raised after the run directory exists carry ``log_path``: the ``train.log`` holding
+    their traceback.
+    """
+    if run_dir is None:
+        if config_path is None:
+            raise ConfigurationError("--config FILE is required (or --resume with --run-dir)")
+        run_dir = str(default_run_dir(config_path))
+    from stackwise.data import create_data_loaders
+    from stackwise.data.tokenizers import get_tokenizer
+
+    run = RunDirectory(run_dir)
+    if resume and overwrite:
+        raise ConfigurationError("--resume and --overwrite exclude each other")
+    # Everything that can be wrong with the input is found before the run directory is touched.
+    config = _load_config(config_path, overrides, run, resume)
+    tok = get_tokenizer(config.data.tokenizer)
+    _check_tokenizer(config, tok)
+    loaders = create_data_loaders(config, tokenizer=tok)
+    run.prepare(resume=resume, overwrite=overwrite)
+    out = stream if stream is not None else sys.stdout
+    log = open(run.log, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+    try:
+        return _train(run, config, tok, loaders, resume, out, log, use_bar, argv)
+    except BaseException as exc:
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} FAILED\n{traceback.format_exc()}\n")
+        log.flush()
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        try:
+            run.update_run_json(status=status, error=f"{type(exc).__name__}: {exc}")
+        except OSError:
+            pass
+        exc.log_path = str(run.log)  # type: ignore[attr-defined]
+        raise
+    finally:
+        log.close()
+
+
+def _train(
+    run: RunDirectory, config, tok, loaders, resume: bool, out, log, use_bar, argv
+) -> dict[str, Any]:
+    from stackwise import __version__
+    from stackwise.model.architecture import save_rack
+    from stackwise.run import plots
+    from stackwise.run.evaluate import LoadedRun, evaluate_run
+    from stackwise.run.metrics import MetricsWriter, read_metrics, truncate_after
+    from stackwise.run.progress import MetricsCallback, ProgressCallback, format_duration
+    from stackwise.run.summary import build_summary, write_summary
+    from stackwise.training import ProgressiveRackBuilder, ProgressiveTrainer
+
+    t0 = time.perf_counter()
+    progress = ProgressCallback(config.training.log_every, out, log, use_bar)
+    if not resume:
+        config.to_yaml(run.config)
+    train_loader, val_loader = loaders
+    n_train, n_val = len(train_loader.dataset), len(val_loader.dataset)
+    eval_loader = val_loader if n_val > 0 else None
+    prog = config.training.progressive
+    progress.line(f"run directory {run.root}" + (" (resumed)" if resume else ""))
+    progress.line(
+        f"data: corpus {config.data.corpus!r}, tokenizer {tok.name}: "
+        f"{len(train_loader.dataset.tokens):,} train tokens ({n_train} windows of "
+        f"{train_loader.dataset.seq_len}), {len(val_loader.dataset.tokens):,} val tokens"
+    )
+
+    ids = _tokenizer_ids(tok)
+    trainer = builder = None
+    if resume and (run.checkpoints / "latest").is_file():
+        trainer, builder = ProgressiveTrainer.resume(str(run.checkpoints), config)
+        trainer.mask_token_id = ids.get("mask", trainer.mask_token_id)
+        trainer.pad_token_id = ids.get("pad")
+        trainer.special_ids = tuple(ids.values())
+        progress.line(
+            f"resuming after stage {len(trainer.history)} of {prog.target_stacks} "
+            f"(global step {trainer.global_step})"
+        )
+    if trainer is None:
+        torch.manual_seed(config.training.seed)
+        builder = ProgressiveRackBuilder(config=config, building_mode=prog.building_mode)
+        trainer = ProgressiveTrainer(config=config, tokenizer_ids=ids)
+    if resume:  # only once the checkpoint has loaded under it: a misfit keeps the old config
+        config.to_yaml(run.config)
+    trainer.checkpoint_dir = str(run.checkpoints)
+    truncate_after(run.metrics, trainer.global_step, len(trainer.history))
+    writer = MetricsWriter(run.metrics, str(run.tensorboard))
+    metrics = MetricsCallback(writer, config.training.log_every, lambda: trainer.global_step)
+    trainer.callbacks = [metrics, progress]
+    run.update_run_json(
+        status="running",
+        tokenizer=tok.name,
+        corpus=config.data.corpus,
+        stackwise_version=__version__,
+        command=argv if argv is not None else sys.argv,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        tensorboard=writer.tensorboard,
+    )
+    progress.line(
+        f"model: {config.model.n_layers} blocks in {prog.target_stacks} stacks "
+        f"({config.model.attention_type}, d_model {config.model.d_model}), {prog.building_mode} "
+        f"mode, {prog.training_objective} objective, {prog.trunk_strategy} trunk, device "
+        f"{trainer.device.type}"
+    )
+    try:
+        trainer.train_rack(builder, train_loader, prog.target_stacks, eval_loader=eval_loader)
+        rack = builder.rack
+        save_rack(rack, run.rack)
+        evaluation: dict[str, Any] = {}
+        if eval_loader is not None:
+            progress.line("evaluating the final rack on the whole validation split")
+            loaded = LoadedRun(run, config, rack, tok, trainer.device)
+            evaluation = evaluate_run(loaded, "val")
+        wall = time.perf_counter() - t0
+        records = read_metrics(run.metrics)
+        summary = build_summary(
+            records,
+            evaluation,
+            {
+                "wall_s": wall,
+                "parameters": rack.num_parameters(),
+                "tokenizer": tok.name,
+                "corpus": config.data.corpus,
+                "device": trainer.device.type,
+                "config": str(run.config),
+                "run_dir": str(run.root),
+            },
+        )
+        writer.write(
+            "final",
+            val_loss=evaluation.get("loss"),
+            perplexity=evaluation.get("perplexity"),
+            bits_per_byte=evaluation.get("bits_per_byte"),
+            unigram_loss=evaluation.get("unigram_loss"),
+            masked_accuracy=evaluation.get("masked_accuracy"),
+            wall_s=summary["wall_s"],
+        )
+    finally:
+        writer.close()
+        progress.close()
+    records = read_metrics(run.metrics)
+    run.plots.mkdir(parents=True, exist_ok=True)
+    plots.plot_loss(
+        records,
+        run.plots / "loss.png",
+        baseline=evaluation.get("unigram_loss"),
+        title=f"{Path(str(run.root)).name}: loss",
+    )
+    plots.plot_memory(records, run.plots / "memory.png")
+    write_summary(run, summary)
+    run.update_run_json(
+        status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_s=summary["wall_s"]
+    )
+    if evaluation:
+        progress.line(
+            f"final: val loss {evaluation['loss']:.4f} (perplexity {evaluation['perplexity']:.1f}, "
+            f"{evaluation['bits_per_byte']:.3f} bits/byte); unigram baseline "
+            f"{evaluation['unigram_loss']:.4f}"
+        )
+    progress.line(
+        f"wall time {format_duration(summary['wall_s'])}; wrote {run.summary_md}, "
+        f"{run.plots / 'loss.png'}, {run.rack}/"
+    )
+    return summary
