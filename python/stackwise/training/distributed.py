@@ -21,8 +21,10 @@ or build a :class:`ProgressiveTrainer` after ``from_env``: it picks up the activ
   ``<spill_dir>/rank<r>``, budgets are per rank.
 - **Checkpoints, callbacks**: rank 0 writes (the others wait at a barrier, so no rank reads a
   half-written checkpoint) and only rank 0 calls callbacks. With ``fsdp`` the trained weights are
-  gathered into the rack (a consolidated safetensors checkpoint) at each stage's end; mid-stage
-  checkpoints (``checkpointing.every_steps``) are not supported with ``fsdp`` yet and refused.
+  gathered into the rack for every checkpoint (consolidated safetensors, loadable by one
+  process); within a stage (``checkpointing.every_steps``) the sharded optimizer state is
+  written with ``torch.distributed.checkpoint`` (DCP) to ``<dir>/sharded/<checkpoint>/``, so a
+  resume needs the same world size and strategy.
 - **Errors**: :func:`train_distributed` prints ``rank N: <error>`` to stderr and re-raises, so the
   process exits non-zero and torchrun stops the other ranks.
 
@@ -225,14 +227,6 @@ class DistributedTrainerMixin:
         self.dist = ctx if ctx is not None and ctx.enabled else None
         if self.dist is not None:
             self.device = self.dist.device
-            cp = self.training.checkpointing
-            if self.dist.strategy == "fsdp" and cp.enabled and cp.every_steps > 0:
-                raise ConfigurationError(
-                    "mid-stage checkpoints are not supported with strategy 'fsdp' (its optimizer "
-                    "state is sharded); set training.checkpointing.every_steps: 0 (stage-end "
-                    "checkpoints are consolidated) or use strategy 'ddp'",
-                    "training.checkpointing.every_steps",
-                )
 
     # -- per run --------------------------------------------------------------------------------
 
@@ -244,16 +238,69 @@ class DistributedTrainerMixin:
     def _dist_spill_dir(self, spill_dir):
         return spill_dir if self.dist is None else self.dist.spill_dir(spill_dir)
 
-    def _save_checkpoint(self, *args, **kwargs):
-        """``checkpoint.save_checkpoint`` on rank 0; every rank waits until it is written."""
+    def _save_checkpoint(
+        self,
+        directory,
+        trainer,
+        builder,
+        progress=None,
+        optimizer=None,
+        scheduler=None,
+        extra_rng=None,
+    ):
+        """``checkpoint.save_checkpoint`` on rank 0; every rank waits until it is written. With
+        ``fsdp`` the weights are gathered first and, within a stage, every rank writes its shard
+        of the optimizer state with ``torch.distributed.checkpoint`` to
+        ``<dir>/sharded/<checkpoint name>/`` before rank 0 moves ``latest``."""
         from stackwise.training.checkpoint import save_checkpoint
 
         if self.dist is None:
-            return save_checkpoint(*args, **kwargs)
+            return save_checkpoint(
+                directory, trainer, builder, progress, optimizer, scheduler, extra_rng
+            )
         self._sync_trained_weights()
-        folder = save_checkpoint(*args, **kwargs) if self.dist.is_main else None
+        if self._fsdp is not None and progress is not None:
+            name = f"stage-{progress['stage']:03d}-step-{progress['step']:06d}"
+            self._save_sharded_optimizer(_sharded_dir(directory, name), optimizer)
+            optimizer = _GroupsOnly(optimizer)  # the state tensors live in the DCP folder
+        folder = None
+        if self.dist.is_main:
+            folder = save_checkpoint(
+                directory, trainer, builder, progress, optimizer, scheduler, extra_rng
+            )
+            _prune_sharded(directory)
         self.dist.barrier()
         return folder
+
+    def _save_sharded_optimizer(self, path, optimizer) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = {"optimizer": get_optimizer_state_dict(self._stage_model, optimizer)}
+        dcp.save(state, checkpoint_id=str(path))
+
+    def _load_sharded_optimizer(self, optimizer, resumed: dict) -> None:
+        """Hook after a mid-stage resume loaded the optimizer's groups: with ``fsdp``, read
+        this rank's shard of its state back from the DCP folder."""
+        if self._fsdp is None or self.checkpoint_dir is None:
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = _sharded_dir(self.checkpoint_dir, os.path.basename(resumed["folder"]))
+        if not (path / ".metadata").is_file():
+            raise TrainingError(
+                f"checkpoint {resumed['folder']} was taken within a stage but its sharded "
+                f"optimizer state {path} is missing (was it written by a 'ddp' or 1-process run?)"
+            )
+        model = self._stage_model
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=str(path))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        optimizer.zero_grad(set_to_none=True)  # get_optimizer_state_dict left zero grads
 
     # -- per stage ------------------------------------------------------------------------------
 
@@ -349,6 +396,37 @@ class DistributedTrainerMixin:
 
     def _global_sum(self, value: float) -> float:
         return value if self.dist is None else self.dist.all_reduce_sum(value)
+
+
+class _GroupsOnly:
+    """An optimizer's param groups without its (sharded) state, for the checkpoint's JSON."""
+
+    def __init__(self, optimizer) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return {"state": {}, "param_groups": self.optimizer.state_dict()["param_groups"]}
+
+
+def _sharded_dir(directory, name: str):
+    from pathlib import Path
+
+    return Path(directory) / "sharded" / name
+
+
+def _prune_sharded(directory) -> None:
+    """Drop sharded optimizer folders whose checkpoint was pruned."""
+    import shutil
+
+    from stackwise.training.checkpoint import checkpoint_folders
+
+    root = _sharded_dir(directory, "")
+    if not root.is_dir():
+        return
+    kept = {p.name for p in checkpoint_folders(directory)}
+    for p in root.iterdir():
+        if p.name not in kept:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 @contextlib.contextmanager

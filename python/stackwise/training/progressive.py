@@ -359,6 +359,7 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
         if pending is not None:
             opt.load_state_dict(pending["optimizer"])
             sched.load_state_dict(pending["scheduler"])
+            self._load_sharded_optimizer(opt, resumed)  # fsdp: this rank's optimizer shard
             from stackwise.training.checkpoint import restore_rng_state
 
             # Last, after the cache refill and the loader replay, which may draw from it.

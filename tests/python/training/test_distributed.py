@@ -107,9 +107,10 @@ def test_two_processes_match_one_process(tmp_path, reference, strategy):
 
 
 @needs_torchrun
-def test_resume_two_process_run_from_mid_stage_checkpoint(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resume_two_process_run_from_mid_stage_checkpoint(tmp_path, strategy):
     full, ckpt = tmp_path / "full", tmp_path / "ckpt"
-    _launch(full, "--ckpt", str(ckpt), "--every-steps", "4")
+    _launch(full, "--ckpt", str(ckpt), "--every-steps", "4", "--strategy", strategy)
     names = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("stage-"))
     assert names == [
         "stage-000",
@@ -117,11 +118,13 @@ def test_resume_two_process_run_from_mid_stage_checkpoint(tmp_path):
         "stage-001",
         "stage-001-step-000002",
     ]
+    if strategy == "fsdp":  # sharded optimizer state of the kept mid-stage checkpoints
+        assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == names[1::2]
     # Go back to the mid-stage checkpoint of stage 1 and continue from there on 2 processes.
     shutil.rmtree(ckpt / "stage-001")
     (ckpt / "latest").write_text("stage-001-step-000002\n")
     resumed = tmp_path / "resumed"
-    _launch(resumed, "--ckpt", str(ckpt), "--every-steps", "4", "--resume")
+    _launch(resumed, "--ckpt", str(ckpt), "--every-steps", "4", "--resume", "--strategy", strategy)
     _assert_same_run(resumed, full, rtol=0, atol=0, w_atol=0)
     # The consolidated checkpoint loads in one process.
     config = worker.make_config()
