@@ -25,7 +25,9 @@ GLOBAL_B = 8
 STEPS = 6
 
 
-def make_config(strategy="ddp", every_steps=0, spill_dir=None, accum=1, timeout_s=60.0):
+def make_config(
+    strategy="ddp", every_steps=0, spill_dir=None, accum=1, timeout_s=60.0, qlora=False
+):
     from stackwise.config.base import StackWiseConfig
 
     return StackWiseConfig.from_dict(
@@ -56,7 +58,14 @@ def make_config(strategy="ddp", every_steps=0, spill_dir=None, accum=1, timeout_
                     "weight_decay": 0.0,
                     "grad_accumulation": accum,
                 },
-                "progressive": {"target_stacks": 2, "steps_per_stack": STEPS},
+                "progressive": {
+                    "target_stacks": 2,
+                    "steps_per_stack": STEPS,
+                    "trunk_strategy": "qlora" if qlora else "frozen",
+                },
+                "quantization_enabled": qlora,
+                "quantization_type": "nf4",
+                "qlora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "lr": 1e-2},
                 "caching": {"max_cache_size": 1 if spill_dir else 1000, "spill_dir": spill_dir},
                 "checkpointing": {"every_steps": every_steps, "keep_last": 10},
                 "distributed": {"strategy": strategy, "timeout_s": timeout_s},
@@ -120,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--spill", action="store_true")
     p.add_argument("--loader", action="store_true")
     p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--qlora", action="store_true")
     args = p.parse_args(argv)
     from safetensors.torch import save_file
 
@@ -128,7 +138,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spill = str(out / "spill") if args.spill else None
-    config = make_config(args.strategy, args.every_steps, spill, args.accum)
+    config = make_config(args.strategy, args.every_steps, spill, args.accum, qlora=args.qlora)
     torch.manual_seed(0)
     res = train_distributed(
         config,

@@ -106,6 +106,24 @@ def test_two_processes_match_one_process(tmp_path, reference, strategy):
     assert reports[0]["losses"][-1][-1] < reports[0]["losses"][0][0]  # it learns
 
 
+@pytest.fixture(scope="module")
+def qlora_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-qlora")
+    assert worker.main(["--out", str(out), "--qlora", "--accum", "2"]) == 0
+    return out
+
+
+@needs_torchrun
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_nf4_qlora_trunk_with_accumulation_matches_one_process(tmp_path, qlora_reference, strategy):
+    """The quantized trunk is replicated; its adapters' gradients are reduced with the rest;
+    2 micro-batches per step (the first without a gradient collective)."""
+    _launch(tmp_path, "--strategy", strategy, "--qlora", "--accum", "2")
+    _assert_same_run(tmp_path, qlora_reference)
+    _, weights = _load(tmp_path)
+    assert any(k.startswith("stacks.0.") and "lora_B" in k for k in weights)
+
+
 @needs_torchrun
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_resume_two_process_run_from_mid_stage_checkpoint(tmp_path, strategy):
