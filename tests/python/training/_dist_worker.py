@@ -98,6 +98,17 @@ class _FailingBatches(list):
             yield b
 
 
+class _StepLog:
+    """A callback writing one line per step to ``<out>/steps-rank<RANK>.txt``."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / f"steps-rank{os.environ.get('RANK', '0')}.txt"
+
+    def on_step(self, info) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{info['global_step']} {info['loss']}\n")
+
+
 def _loader_factory(args):
     def make(ctx):
         if args.loader:  # a torch DataLoader of dict samples, per-rank via RankShardSampler
@@ -130,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--loader", action="store_true")
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--qlora", action="store_true")
+    p.add_argument("--eval", action="store_true")
     args = p.parse_args(argv)
     from safetensors.torch import save_file
 
@@ -146,6 +158,8 @@ def main(argv=None) -> int:
         checkpoint_dir=args.ckpt,
         target_stacks=args.target_stacks,
         resume=args.resume,
+        eval_loader_factory=(lambda ctx: make_data(2, seed=9)) if args.eval else None,
+        callbacks=[_StepLog(out)],
     )
     ctx = res["context"]
     spill_dirs = []
@@ -155,6 +169,7 @@ def main(argv=None) -> int:
         "rank": ctx.rank,
         "world_size": ctx.world_size,
         "losses": [h["losses"] for h in res["history"]],
+        "eval_loss": [h.get("eval_loss") for h in res["history"]],
         "tokens": [h["tokens"] for h in res["history"]],
         "spill_dirs": sorted(spill_dirs),
         "cache_spill_dir": res["trainer"].cache.spill_dir,

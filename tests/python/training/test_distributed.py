@@ -90,7 +90,7 @@ def _assert_same_run(out: Path, ref: Path, rtol=1e-5, atol=1e-6, w_atol=5e-5):
 def reference(tmp_path_factory):
     """The 1-process run with the global batch (in this process)."""
     out = tmp_path_factory.mktemp("one")
-    assert worker.main(["--out", str(out)]) == 0
+    assert worker.main(["--out", str(out), "--eval"]) == 0
     return out
 
 
@@ -100,9 +100,15 @@ def reference(tmp_path_factory):
 @needs_torchrun
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, reference, strategy):
-    _launch(tmp_path, "--strategy", strategy)
+    _launch(tmp_path, "--strategy", strategy, "--eval")
     reports = _assert_same_run(tmp_path, reference)
     (ref_report,), _ = _load(reference)
+    for rep in reports:  # every rank evaluates the full rack on the same (unsharded) batches
+        got, want = torch.tensor(rep["eval_loss"]), torch.tensor(ref_report["eval_loss"])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # Callbacks (logging) run on rank 0 only, once per global step.
+    assert [p.name for p in tmp_path.glob("steps-rank*.txt")] == ["steps-rank0.txt"]
+    assert len((tmp_path / "steps-rank0.txt").read_text().splitlines()) == 2 * worker.STEPS
     assert reports[0]["losses"][-1][-1] < reports[0]["losses"][0][0]  # it learns
 
 
