@@ -5,7 +5,8 @@ Launch W processes with ``torchrun --nproc_per_node=W script.py``; in each::
     ctx = DistributedContext.from_env(config)  # init_process_group: nccl on GPUs, gloo on CPU
     results = train_distributed(config, lambda ctx: train_batches, checkpoint_dir="ckpt")
 
-or build a :class:`ProgressiveTrainer` after ``from_env``: it picks up the active context.
+or build a :class:`ProgressiveTrainer`: under torchrun (``WORLD_SIZE`` > 1, or an initialised
+process group) it joins the job itself through :meth:`DistributedContext.from_env`.
 
 - **Data**: ``train_rack`` takes the *global* batches (``training.batch_size`` = B); rank r reads
   rows ``[r::W]`` of each (:class:`~stackwise.data.sharding.ShardedBatches`), keeping global
@@ -224,6 +225,8 @@ class DistributedTrainerMixin:
 
     def _attach_distributed(self, distributed: DistributedContext | None) -> None:
         ctx = distributed if distributed is not None else active_context()
+        if ctx is None and (dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            ctx = DistributedContext.from_env(self.config)  # under torchrun: join the job
         self.dist = ctx if ctx is not None and ctx.enabled else None
         if self.dist is not None:
             self.device = self.dist.device

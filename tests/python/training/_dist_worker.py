@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--qlora", action="store_true")
     p.add_argument("--eval", action="store_true")
+    p.add_argument("--plain", action="store_true", help="ProgressiveTrainer joins by itself")
     args = p.parse_args(argv)
     from safetensors.torch import save_file
 
@@ -152,15 +153,23 @@ def main(argv=None) -> int:
     spill = str(out / "spill") if args.spill else None
     config = make_config(args.strategy, args.every_steps, spill, args.accum, qlora=args.qlora)
     torch.manual_seed(0)
-    res = train_distributed(
-        config,
-        _loader_factory(args),
-        checkpoint_dir=args.ckpt,
-        target_stacks=args.target_stacks,
-        resume=args.resume,
-        eval_loader_factory=(lambda ctx: make_data(2, seed=9)) if args.eval else None,
-        callbacks=[_StepLog(out)],
-    )
+    if args.plain:
+        from stackwise.training import ProgressiveRackBuilder, ProgressiveTrainer
+
+        builder = ProgressiveRackBuilder(config)
+        trainer = ProgressiveTrainer(config, callbacks=[_StepLog(out)])
+        res = trainer.train_rack(builder, make_data(), target_stacks=args.target_stacks)
+        res.update(context=trainer.dist, trainer=trainer)
+    else:
+        res = train_distributed(
+            config,
+            _loader_factory(args),
+            checkpoint_dir=args.ckpt,
+            target_stacks=args.target_stacks,
+            resume=args.resume,
+            eval_loader_factory=(lambda ctx: make_data(2, seed=9)) if args.eval else None,
+            callbacks=[_StepLog(out)],
+        )
     ctx = res["context"]
     spill_dirs = []
     if spill:

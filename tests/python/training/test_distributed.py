@@ -112,6 +112,13 @@ def test_two_processes_match_one_process(tmp_path, reference, strategy):
     assert reports[0]["losses"][-1][-1] < reports[0]["losses"][0][0]  # it learns
 
 
+@needs_torchrun
+def test_progressive_trainer_joins_a_torchrun_job_by_itself(tmp_path, reference):
+    _launch(tmp_path, "--plain")
+    reports = _assert_same_run(tmp_path, reference)
+    assert [r["world_size"] for r in reports] == [2, 2]
+
+
 @pytest.fixture(scope="module")
 def qlora_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("one-qlora")
@@ -219,6 +226,34 @@ def test_rank_shard_sampler_splits_the_one_process_order():
     assert len(list(RankShardSampler(3, 1, 2, global_batch=8, seed=0))) == 4  # padded
     with pytest.raises(ConfigurationError, match="training.batch_size"):
         RankShardSampler(20, 0, 3, global_batch=8)
+
+
+def test_create_data_loaders_reads_each_ranks_share(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from stackwise.data import create_data_loaders
+
+    monkeypatch.setenv("STACKWISE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = StackWiseConfig.from_dict(
+        {
+            "training": {"batch_size": 4, "seq_len": 32, "seed": 3},
+            "data": {"corpus": "pydoc", "tokenizer": "bytes"},
+        }
+    )
+    one, _ = create_data_loaders(cfg, distributed=SimpleNamespace(rank=0, world_size=1))
+    ranks = [
+        create_data_loaders(cfg, distributed=SimpleNamespace(rank=r, world_size=2))[0]
+        for r in range(2)
+    ]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) > 0
+    for _ in range(2):  # two passes
+        parts = [list(loader) for loader in ranks]
+        for i, glob in enumerate(one):
+            for r in range(2):
+                got = parts[r][i]
+                assert got["input_ids"].shape == (2, 32)
+                assert torch.equal(got["sample_id"], glob["sample_id"][r::2])
+                assert torch.equal(got["input_ids"], glob["input_ids"][r::2])
 
 
 def test_single_process_is_unchanged_and_none_refuses_many():
