@@ -188,6 +188,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data-parallel training on ``torch.distributed`` (used when the run is launched with
+    ``torchrun`` and ``WORLD_SIZE`` > 1; a single process ignores it).
+
+    ``strategy``: ``ddp`` (each rank holds the whole rack; gradients of the stage's trainable
+    part are all-reduced), ``fsdp`` (FSDP2 ``fully_shard`` of the trainable part, the frozen trunk
+    replicated) or ``none`` (refuse to run on more than one process). ``backend``: ``auto``
+    (``nccl`` on CUDA, ``gloo`` on CPU), ``gloo`` or ``nccl``. ``timeout_s``: how long a
+    collective (or a barrier waiting for a checkpoint) may wait before the job fails.
+    ``training.batch_size`` is the global batch: each of the W ranks reads batch_size / W."""
+
+    strategy: str = "ddp"
+    backend: str = "auto"
+    timeout_s: float = 600.0
+
+
+@dataclass
 class TrainingConfig:
     mode: str = "layerwise"
     block_size: int = 4
@@ -213,6 +230,7 @@ class TrainingConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     caching: CachingConfig = field(default_factory=CachingConfig)
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_id: str | None = None
 
 
@@ -374,6 +392,7 @@ __all__ = [
     "QuantizationError",
     "TrainingError",
     "CachingConfig",
+    "DistributedConfig",
     "CheckpointConfig",
     "DataConfig",
     "KernelAttentionConfig",

@@ -31,6 +31,8 @@ CACHE_MODES = ("stack", "rack", "fusion", "layerwise")
 STORAGE = ("as_is", "fp32", "fp16", "bf16", "int8", "fp8")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "fp16", "bf16")
+DIST_STRATEGIES = ("none", "ddp", "fsdp")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
 
 
 class _Checker:
@@ -243,6 +245,15 @@ def _check_training(c: _Checker, t, model) -> None:
     ck = t.checkpointing
     c.non_negative("training.checkpointing.every_steps", ck.every_steps)
     c.positive("training.checkpointing.keep_last", ck.keep_last)
+    dd = t.distributed
+    c.choice("training.distributed.strategy", dd.strategy, DIST_STRATEGIES)
+    c.choice("training.distributed.backend", dd.backend, DIST_BACKENDS)
+    c.positive("training.distributed.timeout_s", dd.timeout_s)
+    if dd.backend == "nccl" and t.device == "cpu":
+        c.fail(
+            "training.distributed.backend",
+            "'nccl' moves tensors between GPUs only; use 'gloo' (or 'auto') with device 'cpu'",
+        )
 
 
 def _check_data(c: _Checker, d) -> None:

@@ -40,9 +40,18 @@ class PackedTokenDataset(Dataset):
         return {"input_ids": window[:-1], "labels": window[1:], "sample_id": i}
 
 
-def create_data_loaders(config, data_config=None, tokenizer=None, num_workers: int = 0):
+def create_data_loaders(
+    config, data_config=None, tokenizer=None, num_workers: int = 0, distributed=None
+):
     """``(train_loader, val_loader)`` for a :class:`StackWiseConfig` or a
-    :class:`TrainingConfig` (then ``data_config`` or the default data section is used)."""
+    :class:`TrainingConfig` (then ``data_config`` or the default data section is used).
+
+    ``distributed`` (anything with ``rank`` and ``world_size``, e.g. a
+    :class:`~stackwise.training.distributed.DistributedContext`): the training loader reads this
+    rank's share of each global batch of ``training.batch_size`` through a
+    :class:`~stackwise.data.sharding.RankShardSampler` (``DistributedSampler`` semantics,
+    deterministic by seed and pass); with ``world_size`` 1 it reads the same global batches.
+    The validation loader is not sharded (every rank evaluates the same batches)."""
     from stackwise.config.base import DataConfig, StackWiseConfig
 
     if isinstance(config, StackWiseConfig):
@@ -60,6 +69,23 @@ def create_data_loaders(config, data_config=None, tokenizer=None, num_workers: i
             f"window of {seq_len + 1}",
             "data.corpus",
         )
+    if distributed is not None:
+        from stackwise.data.sharding import RankShardSampler
+
+        world = distributed.world_size
+        sampler = RankShardSampler(
+            len(train_ds), distributed.rank, world, training.batch_size, seed=training.seed
+        )
+        train = DataLoader(
+            train_ds,
+            batch_size=training.batch_size // world,
+            sampler=sampler,
+            num_workers=num_workers,
+        )
+        val = DataLoader(
+            val_ds, batch_size=training.batch_size, shuffle=False, num_workers=num_workers
+        )
+        return train, val
     gen = torch.Generator().manual_seed(training.seed)
     train = DataLoader(
         train_ds,

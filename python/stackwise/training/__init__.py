@@ -4,8 +4,16 @@
 from __future__ import annotations
 
 from stackwise.training.core.fusion_trainer import FusionTrainer
+from stackwise.training.distributed import DistributedContext, train_distributed
 from stackwise.training.progressive import ProgressiveTrainer
 from stackwise.training.rack_builder import ProgressiveRackBuilder
 from stackwise.training.trainer import Trainer
 
-__all__ = ["FusionTrainer", "ProgressiveRackBuilder", "ProgressiveTrainer", "Trainer"]
+__all__ = [
+    "DistributedContext",
+    "FusionTrainer",
+    "ProgressiveRackBuilder",
+    "ProgressiveTrainer",
+    "Trainer",
+    "train_distributed",
+]

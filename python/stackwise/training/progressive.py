@@ -56,6 +56,7 @@ from stackwise.training.batches import (
     check_loader,
     loader_generator,
 )
+from stackwise.training.distributed import DistributedTrainerMixin
 from stackwise.training.optim import build_optimizer, clip_gradients, lr_lambda
 from stackwise.training.rack_builder import ProgressiveRackBuilder
 from stackwise.training.stage_steps import StageStepsMixin
@@ -68,8 +69,10 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-class ProgressiveTrainer(StageStepsMixin):
-    """See the module docstring. ``config`` is a :class:`StackWiseConfig`."""
+class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
+    """See the module docstring. ``config`` is a :class:`StackWiseConfig`. ``distributed``: a
+    :class:`~stackwise.training.distributed.DistributedContext` (default: the active one, if a
+    data-parallel job is running; see ``training/distributed.py``)."""
 
     def __init__(
         self,
@@ -77,6 +80,7 @@ class ProgressiveTrainer(StageStepsMixin):
         tokenizer_ids: dict[str, int] | None = None,
         checkpoint_dir: str | None = None,
         callbacks: list | None = None,
+        distributed=None,
     ) -> None:
         self.config = config
         # Objects with any of on_stage_start(info), on_step(info), on_eval(info),
@@ -98,6 +102,7 @@ class ProgressiveTrainer(StageStepsMixin):
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(dev)
+        self._attach_distributed(distributed)  # data parallel: rank's device, checks
         ids = tokenizer_ids or {}
         vocab = config.model.vocab_size
         self.mask_token_id = ids.get("mask", vocab - 1)
@@ -110,6 +115,8 @@ class ProgressiveTrainer(StageStepsMixin):
         self._resume: dict[str, Any] | None = None  # set by checkpoint.load_checkpoint_into
 
     def _emit(self, event: str, info: dict[str, Any]) -> None:
+        if self.dist is not None and not self.dist.is_main:
+            return  # callbacks (logging) run on rank 0 only
         for cb in self.callbacks:
             fn = getattr(cb, event, None)
             if fn is not None:
@@ -149,6 +156,7 @@ class ProgressiveTrainer(StageStepsMixin):
         if isinstance(target, bool) or not isinstance(target, int) or target < 1:
             raise TrainingError(f"target_stacks must be an integer >= 1, got {target!r}")
         check_loader(dataloader)
+        dataloader = self._dist_loader(dataloader)  # this rank's share of each global batch
         if resume:
             from stackwise.training.checkpoint import has_checkpoint, load_checkpoint_into
 
@@ -171,7 +179,7 @@ class ProgressiveTrainer(StageStepsMixin):
                 max_cache_size=cm.max_cache_size,
                 max_memory_mb=cm.max_memory_mb,
                 storage_precision="as_is",
-                spill_dir=cm.spill_dir,
+                spill_dir=self._dist_spill_dir(cm.spill_dir),
             )
         n_batches = self._count(dataloader)
         if n_batches == 0:
@@ -212,10 +220,8 @@ class ProgressiveTrainer(StageStepsMixin):
         """Train one stage (``_train_stage``'s arguments), record it, write its checkpoint."""
         self.history.append(self._train_stage(builder, dataloader, *args))
         if self.checkpoint_dir is not None and self.training.checkpointing.enabled:
-            from stackwise.training.checkpoint import save_checkpoint
-
             gen_states = self._loader_states(dataloader)
-            save_checkpoint(self.checkpoint_dir, self, builder, extra_rng=gen_states)
+            self._save_checkpoint(self.checkpoint_dir, self, builder, extra_rng=gen_states)
 
     @staticmethod
     def _loader_states(dataloader) -> dict[str, Tensor]:
@@ -317,6 +323,7 @@ class ProgressiveTrainer(StageStepsMixin):
         qlora = prog.trunk_strategy == "qlora"
         first = stage == 0
         groups = self._stage_groups(builder, stage, target, new_idx)
+        groups = self._wrap_stage(rack, groups)  # DDP / FSDP in a data-parallel run
         ratio = self.stage_ratio(stage, target)
         accum = cfg.optimizer.grad_accumulation
         pending = resumed["in_progress"] if resumed is not None else None
@@ -352,6 +359,7 @@ class ProgressiveTrainer(StageStepsMixin):
         if pending is not None:
             opt.load_state_dict(pending["optimizer"])
             sched.load_state_dict(pending["scheduler"])
+            self._load_sharded_optimizer(opt, resumed)  # fsdp: this rank's optimizer shard
             from stackwise.training.checkpoint import restore_rng_state
 
             # Last, after the cache refill and the loader replay, which may draw from it.
@@ -388,19 +396,22 @@ class ProgressiveTrainer(StageStepsMixin):
                 self._prepare(rack, source.next(), ratio, use_cache, cache_block)
                 for _ in range(accum)
             ]
-            n_total = sum(m["n_tok"] for m in micro)
+            # Data parallel: weights are shares of the global step's tokens, the loss global.
+            n_total = int(self._global_sum(sum(m["n_tok"] for m in micro)))
             step_loss = 0.0
-            for m in micro:
+            for i, m in enumerate(micro):
                 weight = m["n_tok"] / n_total if n_total else 1.0 / accum
-                with self._autocast():
-                    loss = self._forward_loss(rack, m)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"loss is {value} at stage {stage} (stack {new_idx}), step {step}"
-                    )
-                (loss * weight).backward()
+                with self._no_sync(i < len(micro) - 1):
+                    with self._autocast():
+                        loss = self._forward_loss(rack, m)
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise TrainingError(
+                            f"loss is {value} at stage {stage} (stack {new_idx}), step {step}"
+                        )
+                    (loss * (weight * self._loss_scale)).backward()
                 step_loss += value * weight
+            step_loss = self._global_sum(step_loss)
             clip_gradients(trainable, cfg.optimizer.grad_clip)
             opt.step()
             sched.step()
@@ -411,8 +422,6 @@ class ProgressiveTrainer(StageStepsMixin):
             step += 1
             elapsed = wall_before + time.perf_counter() - t_start
             if checkpointing and (base_step + step) % every == 0 and step < steps:
-                from stackwise.training.checkpoint import save_checkpoint
-
                 progress = {
                     "stage": stage,
                     "step": step,
@@ -430,7 +439,9 @@ class ProgressiveTrainer(StageStepsMixin):
                     extra["loader.stage_start"] = stage_start_state
                 if isinstance(source, LoaderSource):
                     extra.update({f"loader.{k}": v for k, v in source.generator_states().items()})
-                save_checkpoint(self.checkpoint_dir, self, builder, progress, opt, sched, extra)
+                self._save_checkpoint(
+                    self.checkpoint_dir, self, builder, progress, opt, sched, extra
+                )
             if self.callbacks:
                 self._emit(
                     "on_step",
@@ -460,6 +471,7 @@ class ProgressiveTrainer(StageStepsMixin):
                     },
                 )
         wall = wall_before + time.perf_counter() - t_start
+        self._unwrap_stage()
         record = {
             "stage": stage,
             "stack_index": new_idx,
