@@ -102,7 +102,7 @@ DESCRIPTIONS: dict[str, str] = {
     "training.qlora.progressive_rank": "shrink the rank of older stacks' adapters",
     "training.qlora.rank_decay": "rank factor per stack of age",
     "training.qlora.min_rank": "smallest adapter rank",
-    "training.qlora.new_stack_lora": "dual-LoRA: also a LoRA on the stack being trained (own group)",
+    "training.qlora.new_stack_lora": "dual-LoRA: a LoRA on the stack being trained too",
     "training.masking.min_fraction": "lowest mask ratio (rightmost stack in prepend mode)",
     "training.masking.max_fraction": "highest mask ratio (leftmost stack in prepend mode)",
     "training.masking.schedule": "how the ratio moves between the two over the stacks",

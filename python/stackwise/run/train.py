@@ -21,6 +21,7 @@ import torch
 
 from stackwise.exceptions import ConfigurationError
 from stackwise.run.rundir import RunDirectory, default_run_dir
+from stackwise.training.distributed import DistributedContext, report_rank_error
 
 
 def _load_config(config_path, overrides, run: RunDirectory | None, resume: bool):
@@ -81,8 +82,29 @@ def train_run(
     config = _load_config(config_path, overrides, run, resume)
     tok = get_tokenizer(config.data.tokenizer)
     _check_tokenizer(config, tok)
-    loaders = create_data_loaders(config, tokenizer=tok)
-    run.prepare(resume=resume, overwrite=overwrite)
+    # Under torchrun (WORLD_SIZE > 1) this joins the job; for one process it changes nothing.
+    ctx = DistributedContext.from_env(config)
+    try:
+        # The same global batches for any number of processes (rank r reads its share of each).
+        loaders = create_data_loaders(config, tokenizer=tok, distributed=ctx)
+        if not ctx.is_main:
+            # Rank 0 owns the run directory (files, logs, metrics, plots, checkpoints); the
+            # other ranks train their share of every batch and write nothing.
+            ctx.barrier()
+            _train_worker(run, config, tok, loaders, resume)
+            return {}
+        run.prepare(resume=resume, overwrite=overwrite)
+        ctx.barrier()
+        return _train_main(run, config, tok, loaders, resume, stream, use_bar, argv)
+    except BaseException as exc:
+        if ctx.enabled:
+            report_rank_error(exc, ctx.rank)
+        raise
+    finally:
+        ctx.shutdown()
+
+
+def _train_main(run, config, tok, loaders, resume, stream, use_bar, argv) -> dict[str, Any]:
     out = stream if stream is not None else sys.stdout
     log = open(run.log, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
     try:
@@ -101,6 +123,35 @@ def train_run(
         log.close()
 
 
+def _trainer_and_builder(run: RunDirectory, config, tok, resume: bool):
+    """The trainer and rack builder: from the newest checkpoint when resuming, else fresh (every
+    rank of a data-parallel job builds the same ones)."""
+    from stackwise.training import ProgressiveRackBuilder, ProgressiveTrainer
+
+    ids = _tokenizer_ids(tok)
+    if resume and (run.checkpoints / "latest").is_file():
+        trainer, builder = ProgressiveTrainer.resume(str(run.checkpoints), config)
+        trainer.mask_token_id = ids.get("mask", trainer.mask_token_id)
+        trainer.pad_token_id = ids.get("pad")
+        trainer.special_ids = tuple(ids.values())
+    else:
+        torch.manual_seed(config.training.seed)
+        prog = config.training.progressive
+        builder = ProgressiveRackBuilder(config=config, building_mode=prog.building_mode)
+        trainer = ProgressiveTrainer(config=config, tokenizer_ids=ids)
+    trainer.checkpoint_dir = str(run.checkpoints)
+    return trainer, builder
+
+
+def _train_worker(run: RunDirectory, config, tok, loaders, resume: bool) -> None:
+    """A non-zero rank of a data-parallel run: the same training, no files and no output."""
+    train_loader, val_loader = loaders
+    trainer, builder = _trainer_and_builder(run, config, tok, resume)
+    eval_loader = val_loader if len(val_loader.dataset) > 0 else None
+    prog = config.training.progressive
+    trainer.train_rack(builder, train_loader, prog.target_stacks, eval_loader=eval_loader)
+
+
 def _train(
     run: RunDirectory, config, tok, loaders, resume: bool, out, log, use_bar, argv
 ) -> dict[str, Any]:
@@ -111,7 +162,6 @@ def _train(
     from stackwise.run.metrics import MetricsWriter, read_metrics, truncate_after
     from stackwise.run.progress import MetricsCallback, ProgressCallback, format_duration
     from stackwise.run.summary import build_summary, write_summary
-    from stackwise.training import ProgressiveRackBuilder, ProgressiveTrainer
 
     t0 = time.perf_counter()
     progress = ProgressCallback(config.training.log_every, out, log, use_bar)
@@ -128,24 +178,14 @@ def _train(
         f"{train_loader.dataset.seq_len}), {len(val_loader.dataset.tokens):,} val tokens"
     )
 
-    ids = _tokenizer_ids(tok)
-    trainer = builder = None
+    trainer, builder = _trainer_and_builder(run, config, tok, resume)
     if resume and (run.checkpoints / "latest").is_file():
-        trainer, builder = ProgressiveTrainer.resume(str(run.checkpoints), config)
-        trainer.mask_token_id = ids.get("mask", trainer.mask_token_id)
-        trainer.pad_token_id = ids.get("pad")
-        trainer.special_ids = tuple(ids.values())
         progress.line(
             f"resuming after stage {len(trainer.history)} of {prog.target_stacks} "
             f"(global step {trainer.global_step})"
         )
-    if trainer is None:
-        torch.manual_seed(config.training.seed)
-        builder = ProgressiveRackBuilder(config=config, building_mode=prog.building_mode)
-        trainer = ProgressiveTrainer(config=config, tokenizer_ids=ids)
     if resume:  # only once the checkpoint has loaded under it: a misfit keeps the old config
         config.to_yaml(run.config)
-    trainer.checkpoint_dir = str(run.checkpoints)
     truncate_after(run.metrics, trainer.global_step, len(trainer.history))
     writer = MetricsWriter(run.metrics, str(run.tensorboard))
     metrics = MetricsCallback(writer, config.training.log_every, lambda: trainer.global_step)
