@@ -15,7 +15,7 @@ import sys
 import time
 from typing import IO, Any
 
-from stackwise.run.metrics import MetricsWriter
+from stackwise.run.metrics import SCHEMA, MetricsWriter
 
 
 def format_duration(seconds: float) -> str:
@@ -37,18 +37,7 @@ class MetricsCallback:
     ``eval`` and ``stage_end`` records. ``steps_before`` returns the global step at which the
     stage starting now begins (the trainer's ``global_step``)."""
 
-    STEP_KEYS = (
-        "stage",
-        "stack_index",
-        "step",
-        "steps",
-        "global_step",
-        "loss",
-        "lr",
-        "tokens",
-        "tokens_per_s",
-        "step_ms",
-    )
+    STEP_KEYS = SCHEMA["step"]
 
     def __init__(self, writer: MetricsWriter, log_every: int, steps_before=lambda: 0) -> None:
         self.writer = writer
