@@ -140,21 +140,26 @@ std::vector<CacheStoreCore::Victim> CacheStoreCore::make_room_locked() {
     return (limits_.max_memory_bytes && b > limits_.max_memory_bytes) ||
            (limits_.max_entries && n > limits_.max_entries);
   };
-  auto it = lru_.end();
-  while (over() && it != lru_.begin()) {
-    --it;
-    Entry& e = index_.at(*it);
-    if (e.writing || e.loading) continue;
-    if (!e.path.empty()) {  // a clean copy is on disk: just forget the memory
-      auto next = std::next(it);
-      drop_memory_locked(e);
-      it = next;
-      continue;
+  // Least recently used first, but entries read ahead by prefetch and not read yet go last: in
+  // a scan (get i while i+1.. are prefetched) the entry just read is the most recent one, and
+  // plain LRU would push out the prefetched batch needed next.
+  for (int pass = 0; pass < 2 && over(); ++pass) {
+    auto it = lru_.end();
+    while (over() && it != lru_.begin()) {
+      --it;
+      Entry& e = index_.at(*it);
+      if (e.writing || e.loading || (pass == 0 && e.prefetched)) continue;
+      if (!e.path.empty()) {  // a clean copy is on disk: just forget the memory
+        auto next = std::next(it);
+        drop_memory_locked(e);
+        it = next;
+        continue;
+      }
+      e.writing = true;
+      releasing_bytes_ += e.bytes;
+      ++releasing_entries_;
+      victims.push_back({*it, e.gen, e.data});
     }
-    e.writing = true;
-    releasing_bytes_ += e.bytes;
-    ++releasing_entries_;
-    victims.push_back({*it, e.gen, e.data});
   }
   return victims;
 }

@@ -183,6 +183,31 @@ TEST(CacheStoreCore, PrefetchThenGetHitsMemory) {
   EXPECT_EQ(st.prefetch_errors, 0u);
 }
 
+// A scan that reads entry i while i+1..i+depth are prefetched: the prefetched entries not read yet
+// must outlive the one just read, or every get misses (plain LRU evicts the next batch).
+TEST(CacheStoreCore, ScanWithPrefetchKeepsEntriesNotReadYet) {
+  TempDir d;
+  constexpr uint32_t kDepth = 4, kBatches = 12;
+  {
+    CacheStoreCore w({0, 0}, d.path);
+    for (uint32_t i = 0; i < kBatches; ++i) w.put({0, i}, entry(i));
+    w.close(/*keep_files=*/true);
+  }
+  CacheStoreCore s({0, kDepth + 1}, d.path, /*reopen=*/true);  // everything on disk only
+  for (uint32_t i = 0; i < kBatches; ++i) {
+    std::vector<CacheKey> ahead;
+    for (uint32_t j = i + 1; j < std::min(kBatches, i + 1 + kDepth); ++j) ahead.push_back({0, j});
+    s.prefetch(ahead);
+    if (i == 0) s.wait_prefetch();
+    EXPECT_TRUE(same_entry(*s.get({0, i}), *entry(i)));
+    s.wait_prefetch();
+  }
+  auto st = s.stats();
+  EXPECT_EQ(st.misses, 1u);  // the first batch, asked for before any prefetch
+  EXPECT_EQ(st.prefetch_hits, kBatches - 1);
+  EXPECT_EQ(st.loads, kBatches);  // nothing read twice
+}
+
 TEST(CacheStoreCore, ConcurrentPutGetPrefetch) {
   TempDir d;
   CacheStoreCore s({6 * kEntryBytes, 0}, d.path);
