@@ -22,12 +22,11 @@ With ``training.progressive.time_interpretation: input`` the rack gets a time em
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from stackwise.exceptions import ConfigurationError, TrainingError
 from stackwise.model.architecture import Rack, Stack
 from stackwise.model.mlgka import MLGKALayer
-from stackwise.training.core.fusion_trainer import QLoRAAdapter
+from stackwise.training.core.qlora import adapter_parameters, merge_adapters, wrap_linears
 from stackwise.training.strategies.quantization import QuantizationManager, canonical_precision
 
 PRECISIONS = ("full", "half", "bf16", "int8", "nf4", "fp8")
@@ -79,33 +78,8 @@ class ProgressiveRackBuilder:
         stack = Stack(blocks)
         if self.stack_lora:
             q = self.config.training.qlora
-            self._wrap_linears(stack, q.rank, q.alpha, q.dropout, quantization=None)
+            wrap_linears(stack, q.rank, q.alpha, q.dropout, None, self.model_config.freeze_up_proj)
         return stack
-
-    def _wrap_linears(self, stack, rank, alpha, dropout, quantization) -> None:
-        """Put a :class:`QLoRAAdapter` around every ``nn.Linear`` of ``stack`` (but a fixed
-        up-projection)."""
-        for name, module in list(stack.named_modules()):
-            fixed = self.model_config.freeze_up_proj and name.endswith("up_proj")
-            if isinstance(module, nn.Linear) and not fixed:
-                parent_name, _, attr = name.rpartition(".")
-                parent = stack.get_submodule(parent_name) if parent_name else stack
-                adapter = QLoRAAdapter(
-                    module, rank=rank, alpha=alpha, dropout=dropout, quantization=quantization
-                )
-                setattr(parent, attr, adapter)
-
-    @staticmethod
-    @torch.no_grad()
-    def _merge_stack_lora(stack) -> None:
-        """Fold each full-precision LoRA of a stack into its linear layer and unwrap it."""
-        for name, module in list(stack.named_modules()):
-            if isinstance(module, QLoRAAdapter) and isinstance(module.base_layer, nn.Linear):
-                base = module.base_layer
-                base.weight.add_(module.delta_weight().to(base.weight.dtype))
-                parent_name, _, attr = name.rpartition(".")
-                parent = stack.get_submodule(parent_name) if parent_name else stack
-                setattr(parent, attr, base)
 
     def append_stack(self, n_blocks: int | None = None, precision: str = "full") -> Stack:
         """Add a stack on the right (after the current last one)."""
@@ -171,12 +145,12 @@ class ProgressiveRackBuilder:
             p.requires_grad_(False)
         if self.converted[index]:
             return
-        self._merge_stack_lora(stack)
+        merge_adapters(stack)
         if strategy == "qlora":
             rank = rank if rank is not None else (qlora_cfg.rank if qlora_cfg else 16)
             alpha = alpha if alpha is not None else (qlora_cfg.alpha if qlora_cfg else 32.0)
             dropout = qlora_cfg.dropout if qlora_cfg else 0.0
-            self._wrap_linears(stack, rank, alpha, dropout, quantization="nf4")
+            wrap_linears(stack, rank, alpha, dropout, "nf4", self.model_config.freeze_up_proj)
             self.adapter_ranks[index] = [rank, alpha]
         else:
             precision = canonical_precision(self.precisions[index])
@@ -187,19 +161,13 @@ class ProgressiveRackBuilder:
 
     def trunk_adapter_parameters(self, exclude: int) -> list:
         """LoRA parameters of every stack but ``exclude``."""
-        params = []
-        for i, stack in enumerate(self.rack.stacks):
-            if i == exclude:
-                continue
-            for m in stack.modules():
-                if isinstance(m, QLoRAAdapter):
-                    params += m.get_adaptation_parameters()
-        return params
+        return [
+            p
+            for i, stack in enumerate(self.rack.stacks)
+            if i != exclude
+            for p in adapter_parameters(stack)
+        ]
 
     def stack_lora_parameters(self, index: int) -> list:
         """The dual-LoRA parameters of stack ``index`` (empty unless ``new_stack_lora``)."""
-        params = []
-        for m in self.rack.stacks[index].modules():
-            if isinstance(m, QLoRAAdapter):
-                params += m.get_adaptation_parameters()
-        return params
+        return adapter_parameters(self.rack.stacks[index])
