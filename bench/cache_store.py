@@ -10,13 +10,16 @@ per second, so "of baseline" = baseline time / our time):
     incompressible bytes (a random file in the page cache) into a new file as a spill does
     (target: >= 70%); dd from /dev/zero is reported beside it;
   - a trainer-like loop over spilled batches, read back from disk (page cache dropped for the
-    files with posix_fadvise), where each step "uses" a batch for a fixed time (sleep, standing
-    for device compute) and then gets the next: the fraction of time spent waiting in ``get``,
-    with and without ``prefetch`` of the next batches (target: < 10% with prefetch);
+    files with posix_fadvise), where each step "uses" a batch for 1.5x the disk's read time per
+    batch (sleep, standing for device compute) and then gets the next, reading ahead as the
+    trainers do (``CachedSource``, ``get(..., release=True)``): the fraction of the loop spent in
+    ``get``, median of ``--loop-runs`` loops, with the disk's read time per batch during the loop
+    beside it (target: < 10% with prefetch);
   - on CUDA: put of a device tensor (device -> pinned) and get to the device (pinned ->
     device) against a plain pinned ``copy_`` each way (target: >= 70%).
 
-    python bench/cache_store.py [--dir DIR] [--mb 64] [--repeat 7] [--batches 10]
+    python bench/cache_store.py [--dir DIR] [--mb 64] [--repeat 7] [--batches 16]
+                                [--prefetch-depth 2] [--loop-runs 5]
                                 [--json bench/results/cache_store.json]
 """
 
@@ -36,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stackwise  # noqa: E402
 from harness import Row, Timing, compare, environment, format_table, time_fn, write_json  # noqa: E402
+from stackwise.training.batches import CachedSource  # noqa: E402
 
 ActivationCacheStore = stackwise._C.ActivationCacheStore
 
@@ -155,75 +159,94 @@ def _drop_page_cache(directory: Path) -> None:
             os.close(fd)
 
 
-def bench_trainer_loop(x: torch.Tensor, root: Path, batches: int, depth: int) -> list[Row]:
-    """Waiting time of a loop that gets batch i, uses it for `step` seconds, gets batch i+1."""
+def bench_trainer_loop(
+    x: torch.Tensor, root: Path, batches: int, depth: int, runs: int
+) -> list[Row]:
+    """Time a loop that gets batch i, uses it for `step` seconds, then gets batch i+1, with the
+    batches on disk only (a store reopened on its spill directory, page cache dropped).
+
+    The read-ahead and the reads are the trainers' own: a ``CachedSource`` asks for the next
+    ``depth`` batches before each one is returned (and for the first ones when it is created),
+    and each batch is read with ``release=True`` (handed over, no copy). Waiting is all the time
+    spent in ``get``; the loop's first get waits on a read that starts when the source is
+    created."""
     spill = root / "loop"
     store = ActivationCacheStore(max_entries=depth + 1, spill_dir=spill)
     for i in range(batches):
         store.put(0, i, x + i)
-    store.flush()
-    # A cold read sets the step time: a step 1.5x as long as reading a batch, so prefetch can
-    # keep up in principle (a slower disk than compute cannot be hidden by any read-ahead).
-    cold = []
-    for i in range(1, min(batches, 4)):
-        _drop_page_cache(spill)
-        t0 = time.perf_counter()
-        store.get(0, i)
-        cold.append(time.perf_counter() - t0)
-    step = 1.5 * sorted(cold)[len(cold) // 2]
+    store.close(keep_files=True)
 
-    # What a get costs when the entry is in memory (the copy out), median of 5.
-    resident = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        store.get(0, 1)
-        resident.append(time.perf_counter() - t0)
-    in_memory_get = sorted(resident)[2]
-
-    def run(prefetch: bool) -> tuple[float, float, int, float]:
-        # Everything back on disk only, page cache dropped.
-        store.close(keep_files=True)
+    def reopen() -> ActivationCacheStore:
         s = ActivationCacheStore.open(spill, max_entries=depth + 1)
         _drop_page_cache(spill)
-        waited = 0.0
-        beyond = 0.0  # time in get beyond what a get of an in-memory entry takes
+        return s
+
+    # The step is 1.5x the disk's read time per batch over a whole cold pass, measured just
+    # before: a disk slower than compute cannot be hidden by any read-ahead.
+    s = reopen()
+    reads = []
+    for i in range(batches):
+        t0 = time.perf_counter()
+        s.get(0, i, release=True)
+        reads.append(time.perf_counter() - t0)
+    s.close(keep_files=True)
+    cold = sorted(reads)[len(reads) // 2]
+    step = 1.5 * cold
+
+    def run(prefetch_depth: int) -> dict:
+        s = reopen()
+        gets = []
         t_start = time.perf_counter()
-        for i in range(batches):
-            if prefetch:  # as CacheManager.iter_batches does: ask for the next ones first
-                s.prefetch([(0, j) for j in range(i + 1, min(i + 1 + depth, batches))])
+        source = CachedSource(
+            list(range(batches)),
+            prefetch=lambda ids: s.prefetch([(0, b) for b in ids]),
+            depth=prefetch_depth,
+        )
+        for _ in range(batches):
+            bid = source.next()
             t0 = time.perf_counter()
-            s.get(0, i)  # counted as waiting whole, though part of it is the copy out
-            waited += time.perf_counter() - t0
-            beyond += max(0.0, time.perf_counter() - t0 - in_memory_get)
+            s.get(0, bid, release=True)
+            gets.append(time.perf_counter() - t0)
             time.sleep(step)  # the batch is in use (device compute)
         total = time.perf_counter() - t_start
-        hits = s.stats()["hits"]
+        st = s.stats()
         s.close(keep_files=True)
-        return waited, total, hits, beyond
+        return {
+            "total": total,
+            "waiting": sum(gets) / total,
+            "after first": sum(gets[1:]) / total,
+            "from memory": st["hits"],
+            "late": st["prefetch_late"],
+            "read ms/batch": st["read_seconds"] / max(1, st["loads"]) * 1e3,
+        }
 
-    rows = []
-    base_wait, base_total, _, _ = run(prefetch=False)
-    wait, total, hits, beyond = run(prefetch=True)
+    base = run(0)
+    results = sorted((run(depth) for _ in range(runs)), key=lambda r: r["waiting"])
+    mid = results[len(results) // 2]
     ms = lambda v: Timing(v * 1e3, v * 1e3, v * 1e3, 1)  # noqa: E731
-    rows.append(
-        Row(
-            {"case": f"trainer loop x{batches}", "precision": "as_is"},
-            ms(total),
-            ms(base_total),
-            "same loop without prefetch",
-            {
-                "step ms": step * 1e3,
-                "cold read ms": sorted(cold)[len(cold) // 2] * 1e3,
-                "waiting": wait / total,
-                "waiting w/o prefetch": base_wait / base_total,
-                "gets from memory": f"{hits}/{batches}",
-                "in-memory get ms": in_memory_get * 1e3,
-                "waiting beyond in-memory get": beyond / total,
-            },
-        )
+    extra = {
+        "step ms": step * 1e3,
+        "cold read ms": cold * 1e3,
+        "prefetch depth": depth,
+        "waiting": mid["waiting"],
+        # (waiting, the disk's mean read ms per batch during that loop) for each loop
+        "each run": [(round(r["waiting"], 3), round(r["read ms/batch"], 1)) for r in results],
+        "waiting after the first get": mid["after first"],
+        "waiting w/o prefetch": base["waiting"],
+        "gets from memory": f"{mid['from memory']}/{batches}",
+        "gets that waited on a read ahead": mid["late"],
+        "disk read ms/batch in the loop": mid["read ms/batch"],
+        "disk read ms/batch w/o prefetch": base["read ms/batch"],
+    }
+    row = Row(
+        {"case": f"trainer loop x{batches}", "precision": "as_is"},
+        ms(mid["total"]),
+        ms(base["total"]),
+        "same loop without prefetch",
+        extra,
     )
     shutil.rmtree(spill, ignore_errors=True)
-    return rows
+    return [row]
 
 
 def bench_cuda(x: torch.Tensor, repeat: int) -> list[Row]:
@@ -260,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--batches", type=int, default=16, help="batches in the trainer loop")
     p.add_argument("--prefetch-depth", type=int, default=2)
+    p.add_argument("--loop-runs", type=int, default=5, help="trainer loops with prefetch (median)")
     p.add_argument("--json", default="bench/results/cache_store.json")
     args = p.parse_args(argv)
 
@@ -268,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = bench_memory(x, args.repeat)
         rows += bench_spill(x, root, args.repeat)
-        rows += bench_trainer_loop(x, root, args.batches, args.prefetch_depth)
+        rows += bench_trainer_loop(x, root, args.batches, args.prefetch_depth, args.loop_runs)
         if torch.cuda.is_available():
             rows += bench_cuda(x, args.repeat)
     finally:

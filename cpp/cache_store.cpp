@@ -121,6 +121,16 @@ uint64_t non_negative(int64_t v, const char* name) {
   return uint64_t(v);
 }
 
+// A CPU tensor over an as-is record's payload, keeping the entry alive while it lives. Only for
+// an entry nothing else references (handed over by get with release), so no one else can see
+// the tensor's writes.
+at::Tensor adopt(const core::TensorRecord& r, std::shared_ptr<const core::EntryData> keep) {
+  void* ptr = const_cast<uint8_t*>(r.payload.data.get());
+  return at::from_blob(
+      ptr, r.shape, [keep = std::move(keep)](void*) mutable { keep.reset(); },
+      at::TensorOptions().dtype(scalar_type(r.dtype)));
+}
+
 class ActivationCacheStore {
  public:
   ActivationCacheStore(int64_t max_memory_bytes, int64_t max_entries,
@@ -172,7 +182,7 @@ class ActivationCacheStore {
     }
   }
 
-  py::tuple get(int64_t block, int64_t batch, const py::object& device) {
+  py::tuple get(int64_t block, int64_t batch, const py::object& device, bool release) {
     const at::Device dev = device.is_none() ? at::Device(at::kCPU)
                                             : at::Device(py::str(device).cast<std::string>());
     at::Tensor value;
@@ -180,11 +190,17 @@ class ActivationCacheStore {
     std::shared_ptr<const core::EntryData> data;
     {
       py::gil_scoped_release nogil;
-      data = core_->get({block, batch});
-      value = decode(data->records.at(0), dev, &HostPool::allocate, pool_.get());
+      data = core_->get({block, batch}, release);
+      // Handed over and held by nobody else (the store dropped its reference and can never hand
+      // it out again): as-is CPU records become tensors over the payload itself, no copy.
+      const bool own = release && data.use_count() == 1;
+      auto out = [&](const core::TensorRecord& r) {
+        if (own && dev.is_cpu() && r.storage == core::Storage::kAsIs) return adopt(r, data);
+        return decode(r, dev, &HostPool::allocate, pool_.get());
+      };
+      value = out(data->records.at(0));
       for (size_t i = 1; i < data->records.size(); ++i)
-        companions[data->records[i].name] =
-            decode(data->records[i], dev, &HostPool::allocate, pool_.get());
+        companions[data->records[i].name] = out(data->records[i]);
     }
     py::dict meta;
     for (const auto& [k, v] : data->meta) meta[py::str(k)] = py::str(v);
@@ -236,7 +252,12 @@ class ActivationCacheStore {
     d["loads"] = s.loads;
     d["prefetch_requests"] = s.prefetch_requests;
     d["prefetch_hits"] = s.prefetch_hits;
+    d["prefetch_late"] = s.prefetch_late;
+    d["prefetch_skipped"] = s.prefetch_skipped;
+    d["released"] = s.released;
     d["prefetch_errors"] = s.prefetch_errors;
+    d["read_seconds"] = static_cast<double>(s.read_ns) * 1e-9;
+    d["bytes_read"] = s.bytes_read;
     d["bytes_pooled"] = pool_->pooled_bytes();
     d["storage_precision"] = storage_name_;
     std::lock_guard<std::mutex> g(err_mu_);
@@ -320,8 +341,12 @@ companions are kept exactly. stats() reports the error they introduce.
            "Stores (or replaces) an entry. A CUDA tensor is copied to host memory on a side "
            "stream ordered after the current one.")
       .def("get", &S::get, py::arg("block_idx"), py::arg("batch_id"), py::arg("device") = py::none(),
+           py::arg("release") = false,
            "(tensor, companions, meta) as new tensors on `device` (default CPU); KeyError when "
-           "absent, CacheCorruptionError when its spill file fails its checks.")
+           "absent, CacheCorruptionError when its spill file fails its checks. release=True: "
+           "an entry with a complete spill file leaves memory (its file stays; a later get reads "
+           "it again) and its as-is tensors are handed over without a copy; for a reader that "
+           "scans batches once, as a trainer over a cache larger than memory does.")
       .def("contains", &S::contains, py::arg("block_idx"), py::arg("batch_id"))
       .def("__contains__", [](const S& s, std::pair<int64_t, int64_t> k) {
         return s.contains(k.first, k.second);
@@ -339,7 +364,14 @@ companions are kept exactly. stats() reports the error they introduce.
            "keep_files=True writes in-memory entries first so that open() finds everything.")
       .def("keys", &S::keys, "[(block_idx, batch_id), ...] sorted.")
       .def("__len__", [](const S& s) { return s.keys().size(); })
-      .def("stats", &S::stats)
+      .def("stats", &S::stats,
+           "Counters: bytes and entries in memory / pinned / on disk; hits (gets served from "
+           "memory), misses (gets that read the disk), prefetch_hits (hits on entries read ahead), "
+           "prefetch_late (gets that waited for a read ahead still in progress), prefetch_skipped "
+           "(read-aheads not done: the budgets were full of batches read ahead), released (gets "
+           "with release that handed an entry over), spills, loads, "
+           "read_seconds and bytes_read (spent reading spill files, any thread), "
+           "compression errors.")
       .def_property_readonly("storage_precision", &S::storage_precision)
       .def_property_readonly("spill_dir", &S::spill_dir)
       .def_property_readonly("closed", &S::closed)

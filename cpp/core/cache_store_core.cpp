@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <utility>
 
@@ -133,6 +134,16 @@ void CacheStoreCore::remove_locked(const CacheKey& key, Entry& e) {
   index_.erase(key);
 }
 
+bool CacheStoreCore::read_ahead_fits_locked(uint64_t bytes) const {
+  uint64_t n = 1, b = bytes;
+  for (const auto& k : lru_) {
+    const Entry& e = index_.at(k);
+    if (e.prefetched) ++n, b += e.bytes;
+  }
+  return !(limits_.max_entries && n > limits_.max_entries) &&
+         !(limits_.max_memory_bytes && b > limits_.max_memory_bytes);
+}
+
 std::vector<CacheStoreCore::Victim> CacheStoreCore::make_room_locked() {
   std::vector<Victim> victims;
   auto over = [&] {
@@ -234,8 +245,10 @@ void CacheStoreCore::put(const CacheKey& key, std::shared_ptr<const EntryData> d
   if (!victims.empty()) write_victims(std::move(victims));
 }
 
-std::shared_ptr<const EntryData> CacheStoreCore::load(const CacheKey& key, bool for_prefetch) {
+std::shared_ptr<const EntryData> CacheStoreCore::load(const CacheKey& key, bool for_prefetch,
+                                                      bool release) {
   std::unique_lock<std::mutex> lk(mu_);
+  bool waited = false;  // this get waited for a read another thread had started
   for (;;) {
     check_open_locked();
     auto it = index_.find(key);
@@ -247,15 +260,27 @@ std::shared_ptr<const EntryData> CacheStoreCore::load(const CacheKey& key, bool 
     Entry& e = it->second;
     if (e.data) {
       if (for_prefetch) return e.data;
-      ++counters_.hits;
-      if (e.prefetched) ++counters_.prefetch_hits;
+      if (waited && e.prefetched) ++counters_.prefetch_late;
+      else ++counters_.hits;
+      if (e.prefetched && !waited) ++counters_.prefetch_hits;
       e.prefetched = false;
-      lru_.splice(lru_.begin(), lru_, e.lru);  // most recently used
-      return e.data;
+      std::shared_ptr<const EntryData> out = e.data;
+      if (release && !e.path.empty() && !e.writing) {
+        drop_memory_locked(e);  // handed over: its file is the store's copy
+        ++counters_.released;
+      } else {
+        lru_.splice(lru_.begin(), lru_, e.lru);  // most recently used
+      }
+      return out;
     }
     if (e.loading) {  // another thread is reading this file: wait for it, then look again
+      waited = !for_prefetch;
       load_cv_.wait(lk);
       continue;
+    }
+    if (for_prefetch && !read_ahead_fits_locked(e.file_bytes)) {
+      ++counters_.prefetch_skipped;  // it would push out a batch read ahead and not read yet
+      return nullptr;
     }
     e.loading = true;
     const std::string path = e.path;
@@ -263,12 +288,16 @@ std::shared_ptr<const EntryData> CacheStoreCore::load(const CacheKey& key, bool 
     lk.unlock();
     std::shared_ptr<EntryData> data;
     std::exception_ptr err;
+    const auto t0 = std::chrono::steady_clock::now();
     try {
       data = std::make_shared<EntryData>(read_spill_file(path, &key, alloc_, alloc_ctx_));
     } catch (...) {
       err = std::current_exception();
     }
+    const auto read_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now() - t0);
     lk.lock();
+    counters_.read_ns += static_cast<uint64_t>(read_ns.count());
     auto again = index_.find(key);
     const bool same = again != index_.end() && again->second.gen == gen;
     if (same) again->second.loading = false;
@@ -276,10 +305,15 @@ std::shared_ptr<const EntryData> CacheStoreCore::load(const CacheKey& key, bool 
     if (!same) continue;  // evicted or replaced while reading: look again
     if (err) std::rethrow_exception(err);
     Entry& cur = again->second;
-    install_memory_locked(key, cur, data);
     ++counters_.loads;
+    counters_.bytes_read += cur.file_bytes;
+    if (!for_prefetch) ++counters_.misses;
+    if (release) {  // read for a caller that takes it: nothing else has to leave memory
+      ++counters_.released;
+      return data;
+    }
+    install_memory_locked(key, cur, data);
     if (for_prefetch) cur.prefetched = true;
-    else ++counters_.misses;
     std::vector<Victim> victims = make_room_locked();
     lk.unlock();
     if (!victims.empty()) write_victims(std::move(victims));
@@ -287,8 +321,8 @@ std::shared_ptr<const EntryData> CacheStoreCore::load(const CacheKey& key, bool 
   }
 }
 
-std::shared_ptr<const EntryData> CacheStoreCore::get(const CacheKey& key) {
-  return load(key, false);
+std::shared_ptr<const EntryData> CacheStoreCore::get(const CacheKey& key, bool release) {
+  return load(key, false, release);
 }
 
 bool CacheStoreCore::contains(const CacheKey& key) const {
@@ -321,6 +355,8 @@ void CacheStoreCore::prefetch(const std::vector<CacheKey>& keys) {
   for (const auto& k : keys) {
     auto it = index_.find(k);
     if (it == index_.end() || it->second.data || it->second.loading) continue;
+    if (std::find(prefetch_queue_.begin(), prefetch_queue_.end(), k) != prefetch_queue_.end())
+      continue;  // already queued
     prefetch_queue_.push_back(k);
     ++counters_.prefetch_requests;
   }
@@ -338,7 +374,7 @@ void CacheStoreCore::prefetch_loop() {
     prefetch_busy_ = true;
     lk.unlock();
     try {
-      load(key, true);
+      load(key, true, false);
     } catch (...) {  // the get that needs it reads it again and reports the error
       std::lock_guard<std::mutex> g(mu_);
       ++counters_.prefetch_errors;

@@ -206,6 +206,88 @@ TEST(CacheStoreCore, ScanWithPrefetchKeepsEntriesNotReadYet) {
   EXPECT_EQ(st.misses, 1u);  // the first batch, asked for before any prefetch
   EXPECT_EQ(st.prefetch_hits, kBatches - 1);
   EXPECT_EQ(st.loads, kBatches);  // nothing read twice
+  EXPECT_EQ(st.prefetch_late, 0u);  // every read ahead had finished before its get
+  EXPECT_GT(st.read_ns, 0u);
+  uint64_t file_bytes = 0;
+  for (const auto& f : fs::directory_iterator(d.path)) file_bytes += fs::file_size(f.path());
+  EXPECT_EQ(st.bytes_read, file_bytes);  // each file read once, whole
+}
+
+// Read-ahead deeper than the budget allows: the keys that do not fit are skipped rather than
+// evicting the earlier read-ahead (which the reader needs first).
+TEST(CacheStoreCore, PrefetchDeeperThanBudgetSkipsInsteadOfEvicting) {
+  TempDir d;
+  {
+    CacheStoreCore w({0, 0}, d.path);
+    for (uint32_t i = 0; i < 6; ++i) w.put({0, i}, entry(i));
+    w.close(/*keep_files=*/true);
+  }
+  CacheStoreCore s({0, 2}, d.path, /*reopen=*/true);
+  s.prefetch({{0, 1}, {0, 2}, {0, 3}, {0, 4}});
+  s.wait_prefetch();
+  auto st = s.stats();
+  EXPECT_EQ(st.loads, 2u);
+  EXPECT_EQ(st.prefetch_skipped, 2u);
+  EXPECT_TRUE(same_entry(*s.get({0, 1}), *entry(1)));
+  EXPECT_TRUE(same_entry(*s.get({0, 2}), *entry(2)));
+  st = s.stats();
+  EXPECT_EQ(st.prefetch_hits, 2u);
+  EXPECT_EQ(st.misses, 0u);
+  s.prefetch({{0, 3}});  // the earlier read-ahead has been read: room again
+  s.wait_prefetch();
+  EXPECT_TRUE(same_entry(*s.get({0, 3}), *entry(3)));
+  EXPECT_EQ(s.stats().prefetch_hits, 3u);
+}
+
+// get with release hands over entries that have a file (the file stays the store's copy) and
+// keeps entries that exist only in memory.
+TEST(CacheStoreCore, ReleaseHandsOverOnlyEntriesWithFiles) {
+  TempDir d;
+  {
+    CacheStoreCore w({0, 0}, d.path);
+    for (uint32_t i = 0; i < 3; ++i) w.put({0, i}, entry(i));
+    w.close(/*keep_files=*/true);
+  }
+  CacheStoreCore s({0, 0}, d.path, /*reopen=*/true);
+  EXPECT_TRUE(same_entry(*s.get({0, 0}, /*release=*/true), *entry(0)));  // read, not installed
+  EXPECT_EQ(s.stats().entries_in_memory, 0u);
+  s.get({0, 1});  // resident, with a clean file
+  EXPECT_EQ(s.stats().entries_in_memory, 1u);
+  auto held = s.get({0, 1}, /*release=*/true);
+  EXPECT_EQ(held.use_count(), 1);  // the caller holds the only reference
+  EXPECT_EQ(s.stats().entries_in_memory, 0u);
+  EXPECT_TRUE(same_entry(*s.get({0, 0}), *entry(0)));  // the file is still there
+  s.put({1, 0}, entry(9));  // memory only: release must not drop it
+  EXPECT_TRUE(same_entry(*s.get({1, 0}, /*release=*/true), *entry(9)));
+  EXPECT_TRUE(s.contains({1, 0}));
+  auto st = s.stats();
+  EXPECT_EQ(st.released, 2u);
+  EXPECT_EQ(st.loads, 3u);
+  EXPECT_EQ(st.entries_in_memory, 2u);  // {0, 0} from the last plain get, and {1, 0}
+}
+
+// A get racing its own read-ahead is counted exactly once: as a hit (read ahead in time), as
+// late (it waited for the read in progress) or as a miss (it read the file before the prefetch
+// thread reached it). Which one depends on timing; the sum does not.
+TEST(CacheStoreCore, GetRacingPrefetchIsCountedOnce) {
+  TempDir d;
+  constexpr uint32_t kBatches = 16;
+  {
+    CacheStoreCore w({0, 0}, d.path);
+    for (uint32_t i = 0; i < kBatches; ++i) w.put({0, i}, entry(i));
+    w.close(/*keep_files=*/true);
+  }
+  CacheStoreCore s({0, 0}, d.path, /*reopen=*/true);
+  for (uint32_t i = 0; i < kBatches; ++i) {
+    s.prefetch({{0, i}});
+    EXPECT_TRUE(same_entry(*s.get({0, i}), *entry(i)));
+  }
+  s.wait_prefetch();
+  auto st = s.stats();
+  EXPECT_EQ(st.hits + st.misses + st.prefetch_late, kBatches);
+  EXPECT_LE(st.prefetch_hits, st.hits);
+  EXPECT_EQ(st.loads, kBatches);  // a file is read by one thread, never by both
+  EXPECT_EQ(st.prefetch_errors, 0u);
 }
 
 TEST(CacheStoreCore, ConcurrentPutGetPrefetch) {

@@ -366,3 +366,26 @@ def test_fp16_encode_with_error_stats_matches_torch_rounding():
     s2 = store2.stats()
     assert s2["compression_max_abs_error"] == pytest.approx(float(err.max()), rel=1e-6)
     assert s2["compression_rms_error"] == pytest.approx(float(err.square().mean().sqrt()), rel=1e-5)
+
+
+def test_get_with_release_hands_over_and_keeps_the_file(tmp_path):
+    xs = [torch.randn(32, 16) for _ in range(3)]
+    with ActivationCacheStore(spill_dir=tmp_path) as w:
+        for i, x in enumerate(xs):
+            w.put(0, i, x, {"ids": torch.arange(32)})
+        w.close(keep_files=True)
+    store = ActivationCacheStore.open(tmp_path, max_entries=2)
+    store.prefetch([(0, 0)])
+    store.wait_prefetch()
+    value, comp, _ = store.get(0, 0, release=True)  # read ahead: handed over, no copy
+    assert torch.equal(value, xs[0]) and torch.equal(comp["ids"], torch.arange(32))
+    assert store.stats()["entries_in_memory"] == 0 and store.stats()["released"] == 1
+    value.fill_(7.0)  # the caller owns it: the store's copy (the file) is untouched
+    assert torch.equal(store.get(0, 0)[0], xs[0])
+    value, _, _ = store.get(0, 1, release=True)  # read for this get, never installed
+    assert torch.equal(value, xs[1]) and store.stats()["entries_in_memory"] == 1
+    store.put(1, 0, xs[2])  # memory only: kept, and what get returns is a copy
+    got = store.get(1, 0, release=True)[0]
+    got.zero_()
+    assert torch.equal(store.get(1, 0)[0], xs[2])
+    store.close()

@@ -37,7 +37,15 @@ struct StoreStats {
   uint64_t bytes_in_memory = 0, bytes_pinned = 0, bytes_on_disk = 0;
   uint64_t entries = 0, entries_in_memory = 0, entries_on_disk = 0;
   uint64_t hits = 0, misses = 0, not_found = 0, spills = 0, loads = 0;
-  uint64_t prefetch_requests = 0, prefetch_hits = 0, prefetch_errors = 0;
+  // hits: gets that found the entry in memory; prefetch_hits: those of them read ahead by
+  // prefetch; prefetch_late: gets that waited for a prefetch read still in progress (neither hits
+  // nor misses); prefetch_skipped: read-aheads not done because the budgets were already full of
+  // entries read ahead and not read yet (reading more would evict the ones needed first).
+  // read_ns / bytes_read: time spent reading spill files (any thread) and bytes read.
+  uint64_t prefetch_requests = 0, prefetch_hits = 0, prefetch_late = 0, prefetch_errors = 0;
+  uint64_t prefetch_skipped = 0;
+  uint64_t released = 0;  // gets with release that handed the entry over (its file stays)
+  uint64_t read_ns = 0, bytes_read = 0;
 };
 
 // put without a spill directory would exceed a budget.
@@ -65,8 +73,11 @@ class CacheStoreCore {
   // their writes) or throw CacheBudgetExceeded. If a spill write fails (disk full) its
   // CacheIOError propagates and the entries it was moving stay in memory: nothing is lost.
   void put(const CacheKey& key, std::shared_ptr<const EntryData> data);
-  // The entry's data (shared, immutable). Reads it back from disk when spilled.
-  std::shared_ptr<const EntryData> get(const CacheKey& key);
+  // The entry's data (shared, immutable). Reads it back from disk when spilled. With release, an
+  // entry that has a complete spill file is handed over: it leaves memory (or, read from disk
+  // for this get, never enters it) and the file stays the store's copy, so the caller holds the
+  // only reference and a later get reads the file again. Entries held only in memory stay.
+  std::shared_ptr<const EntryData> get(const CacheKey& key, bool release = false);
   bool contains(const CacheKey& key) const;
   void evict(const CacheKey& key);  // removes the entry and its file; CacheKeyMissing if absent
   void clear();                     // removes every entry and every indexed spill file
@@ -106,9 +117,12 @@ class CacheStoreCore {
                              std::shared_ptr<const EntryData> data);
   void remove_locked(const CacheKey& key, Entry& e);
   std::vector<Victim> make_room_locked();
+  // Whether a read-ahead of `bytes` fits in the budgets beside the entries already read ahead
+  // and not read yet (everything else can leave memory to make room).
+  bool read_ahead_fits_locked(uint64_t bytes) const;
   void write_victims(std::vector<Victim> victims);
-  // Makes the entry resident (reading its file if needed); returns its data.
-  std::shared_ptr<const EntryData> load(const CacheKey& key, bool for_prefetch);
+  // Makes the entry resident (reading its file if needed; see get for release); returns its data.
+  std::shared_ptr<const EntryData> load(const CacheKey& key, bool for_prefetch, bool release);
   void prefetch_loop();
   void index_directory();
 

@@ -177,6 +177,7 @@ class CachingConfig:
     max_memory_mb: int = 2048
     storage_precision: str = "fp16"
     spill_dir: str | None = None
+    prefetch: int = 2
 
 
 @dataclass

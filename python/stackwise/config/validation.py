@@ -242,6 +242,7 @@ def _check_training(c: _Checker, t, model) -> None:
     c.choice("training.caching.storage_precision", ca.storage_precision, STORAGE)
     c.positive("training.caching.max_cache_size", ca.max_cache_size)
     c.positive("training.caching.max_memory_mb", ca.max_memory_mb)
+    c.non_negative("training.caching.prefetch", ca.prefetch)
     ck = t.checkpointing
     c.non_negative("training.checkpointing.every_steps", ck.every_steps)
     c.positive("training.checkpointing.keep_last", ck.keep_last)

@@ -113,6 +113,7 @@ DESCRIPTIONS: dict[str, str] = {
     "training.caching.max_memory_mb": "memory budget of the activation cache",
     "training.caching.storage_precision": "precision of cached activations",
     "training.caching.spill_dir": "folder for batches over budget (null: raise instead)",
+    "training.caching.prefetch": "spilled batches read ahead in the background (0: off)",
     "training.checkpointing.enabled": "checkpoint after each stage (needed by --resume)",
     "training.checkpointing.dir": "checkpoint folder (the CLI uses <run>/checkpoints)",
     "training.checkpointing.every_steps": "checkpoint every N steps in a stage (0: at ends)",

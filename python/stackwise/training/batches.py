@@ -16,7 +16,7 @@ with a ``generator`` replays the same order. A loader that shuffles from the glo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -180,15 +180,45 @@ class LoaderSource:
 
 
 class CachedSource:
-    """Cached batch ids, cycled; micro-batch m of the stage is ``ids[m % len(ids)]``."""
+    """Cached batch ids, cycled; micro-batch m of the stage is ``ids[m % len(ids)]``.
 
-    def __init__(self, ids: list[int], start: int = 0) -> None:
+    With ``prefetch`` (a callable taking a list of batch ids, e.g. a bound
+    :meth:`CacheManager.prefetch`) and ``depth`` > 0, the ids of the next ``depth`` micro-batches
+    are handed to it before each one is returned, so spilled batches are read from disk while the
+    current one trains; the first ones are requested at construction, before the optimizer and
+    the rest of the stage's setup run.
+    """
+
+    def __init__(
+        self,
+        ids: list[int],
+        start: int = 0,
+        prefetch: Callable[[list[int]], None] | None = None,
+        depth: int = 0,
+    ) -> None:
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         self.ids = ids
         self.m = start
+        self._prefetch = prefetch if depth else None
+        self.depth = depth
+        if self._prefetch is not None:
+            self._prefetch(self.upcoming(start, depth))
+
+    def upcoming(self, first: int, n: int) -> list[int]:
+        """The batch ids of micro-batches ``first .. first + n - 1`` (distinct, in order)."""
+        out: list[int] = []
+        for m in range(first, first + min(n, len(self.ids))):
+            bid = self.ids[m % len(self.ids)]
+            if bid not in out:
+                out.append(bid)
+        return out
 
     def next(self) -> int:
         bid = self.ids[self.m % len(self.ids)]
         self.m += 1
+        if self._prefetch is not None:
+            self._prefetch(self.upcoming(self.m, self.depth))
         return bid
 
 

@@ -27,6 +27,7 @@ of B, padding or not. ``losses`` in a record are per optimizer step (the mean ov
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import resource
 import time
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from stackwise.exceptions import ModelError, TrainingError
-from stackwise.training.batches import check_loader, parse_batch
+from stackwise.training.batches import CachedSource, check_loader, parse_batch
 from stackwise.training.optim import build_optimizer, clip_gradients, lr_lambda
 from stackwise.training.strategies.caching import CacheManager
 from stackwise.training.strategies.masking import (
@@ -181,8 +182,8 @@ class SegmentTrainer:
     def _batch_loss(self, model, modules, start, end, item, ratio, cached) -> tuple[Tensor, int]:
         dev = self.device
         if cached:
-            h = self.cache.get_activations(start - 1, item).to(dev)
-            comp = self.cache.get_masks(start - 1, item)
+            h, comp = self.cache.get_batch(start - 1, item, release=True)
+            h = h.to(dev)
             labels, attn = comp[0].to(dev), comp[1].bool().to(dev)
             mask = None if bool(attn.all()) else attn
             begin = start
@@ -274,8 +275,17 @@ class SegmentTrainer:
         running, step_tokens = 0.0, 0
         t_start = t_step = time.perf_counter()
         opt.zero_grad(set_to_none=True)
+        if batches is not None:  # cycled in stored order, the next ones read ahead from disk
+            cycle = CachedSource(
+                batches,
+                prefetch=functools.partial(self.cache.prefetch, start - 1),
+                depth=cfg.caching.prefetch,
+            )
         while step < steps:
-            source = batches if batches is not None else enumerate(dataloader)
+            if batches is not None:
+                source = (cycle.next() for _ in batches)
+            else:
+                source = enumerate(dataloader)
             for item in source:
                 if step >= steps:
                     break

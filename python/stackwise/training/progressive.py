@@ -40,6 +40,7 @@ A batch is a LongTensor [B, S] of token ids or a dict with ``input_ids`` and opt
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import resource
@@ -346,7 +347,12 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
             ids = self._fill_cache(
                 rack, dataloader, ratio, cache_block, limit=min(steps * accum, n_batches)
             )
-            source = CachedSource(ids, start=start * accum)
+            source = CachedSource(
+                ids,
+                start=start * accum,
+                prefetch=functools.partial(self.cache.prefetch, cache_block),
+                depth=cfg.caching.prefetch,
+            )
         else:
             position = None
             if pending is not None:

@@ -128,8 +128,8 @@ class StageStepsMixin:
         labels, mask, noise levels, and its number of target tokens."""
         dev = self.device
         if use_cache:
-            h = self.cache.get_activations(cache_block, item).to(dev)
-            comp = self.cache.get_masks(cache_block, item)
+            h, comp = self.cache.get_batch(cache_block, item, release=True)
+            h = h.to(dev)
             labels, attn = comp[0].to(dev), comp[1].bool().to(dev)
             m = {"hidden": h, "start": cache_block, "labels": labels}
             m["mask"] = None if bool(attn.all()) else attn

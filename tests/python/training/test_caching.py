@@ -147,3 +147,29 @@ def test_invalid_store_arguments():
     with pytest.raises(TypeError, match="activations"):
         cm.store_activations(0, [1, 2])
     assert set(CACHE_MODES) == {"stack", "rack", "fusion", "layerwise"}
+
+
+def test_get_batch_and_prefetch(tmp_path):
+    cm = CacheManager(max_cache_size=1, spill_dir=tmp_path, storage_precision="as_is")
+    xs = [torch.randn(8, 16) for _ in range(4)]
+    for x in xs:
+        cm.store_activations(2, x, masks=x > 0)
+    value, masks = cm.get_batch(2, 0)  # one store read gives both
+    assert torch.equal(value, xs[0]) and torch.equal(masks, xs[0] > 0)
+    assert cm.get_batch(2)[1] is not None  # most recent batch
+    before = cm.memory_stats()
+    cm.prefetch(2, [1, 2])
+    cm._store.wait_prefetch()
+    for bid in (1, 2):
+        assert torch.equal(cm.get_activations(2, bid), xs[bid])
+    after = cm.memory_stats()
+    assert after["prefetch_requests"] - before["prefetch_requests"] == 2
+    assert after["prefetch_hits"] - before["prefetch_hits"] >= 1  # budget 1: one may go again
+    assert after["bytes_read"] > before["bytes_read"] and after["read_seconds"] > 0
+    with pytest.raises(KeyError, match=r"batch 9"):
+        cm.prefetch(2, [1, 9])
+    with pytest.raises(KeyError, match="no activations cached for block 5"):
+        cm.prefetch(5, [0])
+    cm.store_activations(3, torch.zeros(2))  # no masks stored: get_batch gives None for them
+    assert cm.get_batch(3)[1] is None
+    cm.close()

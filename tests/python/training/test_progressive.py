@@ -91,6 +91,30 @@ def test_cached_trunk_matches_recomputed_trunk():
     )
 
 
+def test_spilled_cache_read_ahead_gives_the_same_training(tmp_path):
+    runs = {}
+    cases = {
+        "memory": {},
+        "spill, read ahead": {"max_cache_size": 1, "spill_dir": str(tmp_path / "a"), "prefetch": 2},
+        "spill, no read ahead": {
+            "max_cache_size": 1,
+            "spill_dir": str(tmp_path / "b"),
+            "prefetch": 0,
+        },
+    }
+    for name, caching in cases.items():
+        torch.manual_seed(1)
+        config = _config(progressive={"steps_per_stack": 12}, caching=caching)
+        res = ProgressiveTrainer(config).train_rack(ProgressiveRackBuilder(config), _data(), 2)
+        runs[name] = res["history"][1]
+    for name in cases:
+        assert runs[name]["losses"] == runs["memory"]["losses"], name
+    ahead, plain = runs["spill, read ahead"]["cache"], runs["spill, no read ahead"]["cache"]
+    assert ahead["prefetch_requests"] > 0 and plain["prefetch_requests"] == 0
+    assert ahead["prefetch_hits"] + ahead["prefetch_late"] > 0
+    assert plain["misses"] > 0 and plain["prefetch_hits"] == 0
+
+
 def test_prepend_diffusion_changes_only_new_stack():
     torch.manual_seed(2)
     config = _config(

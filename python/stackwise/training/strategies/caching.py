@@ -209,6 +209,33 @@ class CacheManager:
         bid = self._resolve(block_idx, batch_id)
         return self._store.get(block_idx, bid, device)[1].get(_MASKS)
 
+    def get_batch(
+        self,
+        block_idx: int,
+        batch_id: int | None = None,
+        device: str | torch.device | None = None,
+        release: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(activations, masks)`` of one batch in a single read of the store (what a trainer
+        wants: ``get_activations`` then ``get_masks`` would decode the activations twice).
+
+        ``release=True`` is for a reader that scans the batches once per pass over a cache larger
+        than its memory budget (the trainers): a batch that has a spill file leaves memory when
+        read (the file stays) and, stored as-is, is handed over without a copy, so reading it
+        pushes out nothing, in particular not the batches read ahead. Batches held only in
+        memory are unaffected."""
+        bid = self._resolve(block_idx, batch_id)
+        value, companions, _ = self._store.get(block_idx, bid, device, release)
+        return value, companions.get(_MASKS)
+
+    def prefetch(self, block_idx: int, batch_ids: list[int]) -> None:
+        """Starts reading those batches of ``block_idx`` back from the spill directory on the
+        store's background thread, so that a later get finds them in memory. Batches already in
+        memory, or already queued, are skipped; unknown batch ids raise ``KeyError``."""
+        for bid in batch_ids:
+            self._resolve(block_idx, bid)
+        self._store.prefetch([(block_idx, bid) for bid in batch_ids])
+
     def iter_batches(
         self, block_idx: int, device: str | torch.device | None = None, prefetch: int = 2
     ) -> Iterator[tuple[int, Tensor, Tensor | None]]:
@@ -216,6 +243,7 @@ class CacheManager:
         they were stored, reading the next ``prefetch`` spilled batches ahead in the background."""
         self._resolve(block_idx, None)
         ids = list(self._batches[block_idx])
+        _check_int(prefetch, "prefetch", 0)
         for i, bid in enumerate(ids):
             if prefetch:
                 self._store.prefetch([(block_idx, b) for b in ids[i + 1 : i + 1 + prefetch]])
