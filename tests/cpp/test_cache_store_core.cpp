@@ -22,6 +22,14 @@ namespace {
 // make_entry(8, 8, s): 8*8*4 value bytes + 8 mask bytes.
 constexpr uint64_t kEntryBytes = 8 * 8 * 4 + 8;
 std::shared_ptr<EntryData> entry(uint32_t seed) { return make_entry(8, 8, seed); }
+
+// Writes entries (0, 0..n-1) to spill files in dir and closes the store, keeping them: a store
+// reopened there holds everything on disk only.
+void spill_entries(const std::string& dir, uint32_t n) {
+  CacheStoreCore w({0, 0}, dir);
+  for (uint32_t i = 0; i < n; ++i) w.put({0, i}, entry(i));
+  w.close(/*keep_files=*/true);
+}
 }  // namespace
 
 TEST(CacheStoreCore, ByteAccounting) {
@@ -188,11 +196,7 @@ TEST(CacheStoreCore, PrefetchThenGetHitsMemory) {
 TEST(CacheStoreCore, ScanWithPrefetchKeepsEntriesNotReadYet) {
   TempDir d;
   constexpr uint32_t kDepth = 4, kBatches = 12;
-  {
-    CacheStoreCore w({0, 0}, d.path);
-    for (uint32_t i = 0; i < kBatches; ++i) w.put({0, i}, entry(i));
-    w.close(/*keep_files=*/true);
-  }
+  spill_entries(d.path, kBatches);
   CacheStoreCore s({0, kDepth + 1}, d.path, /*reopen=*/true);  // everything on disk only
   for (uint32_t i = 0; i < kBatches; ++i) {
     std::vector<CacheKey> ahead;
@@ -217,11 +221,7 @@ TEST(CacheStoreCore, ScanWithPrefetchKeepsEntriesNotReadYet) {
 // evicting the earlier read-ahead (which the reader needs first).
 TEST(CacheStoreCore, PrefetchDeeperThanBudgetSkipsInsteadOfEvicting) {
   TempDir d;
-  {
-    CacheStoreCore w({0, 0}, d.path);
-    for (uint32_t i = 0; i < 6; ++i) w.put({0, i}, entry(i));
-    w.close(/*keep_files=*/true);
-  }
+  spill_entries(d.path, 6);
   CacheStoreCore s({0, 2}, d.path, /*reopen=*/true);
   s.prefetch({{0, 1}, {0, 2}, {0, 3}, {0, 4}});
   s.wait_prefetch();
@@ -243,11 +243,7 @@ TEST(CacheStoreCore, PrefetchDeeperThanBudgetSkipsInsteadOfEvicting) {
 // keeps entries that exist only in memory.
 TEST(CacheStoreCore, ReleaseHandsOverOnlyEntriesWithFiles) {
   TempDir d;
-  {
-    CacheStoreCore w({0, 0}, d.path);
-    for (uint32_t i = 0; i < 3; ++i) w.put({0, i}, entry(i));
-    w.close(/*keep_files=*/true);
-  }
+  spill_entries(d.path, 3);
   CacheStoreCore s({0, 0}, d.path, /*reopen=*/true);
   EXPECT_TRUE(same_entry(*s.get({0, 0}, /*release=*/true), *entry(0)));  // read, not installed
   EXPECT_EQ(s.stats().entries_in_memory, 0u);
@@ -272,11 +268,7 @@ TEST(CacheStoreCore, ReleaseHandsOverOnlyEntriesWithFiles) {
 TEST(CacheStoreCore, GetRacingPrefetchIsCountedOnce) {
   TempDir d;
   constexpr uint32_t kBatches = 16;
-  {
-    CacheStoreCore w({0, 0}, d.path);
-    for (uint32_t i = 0; i < kBatches; ++i) w.put({0, i}, entry(i));
-    w.close(/*keep_files=*/true);
-  }
+  spill_entries(d.path, kBatches);
   CacheStoreCore s({0, 0}, d.path, /*reopen=*/true);
   for (uint32_t i = 0; i < kBatches; ++i) {
     s.prefetch({{0, i}});
