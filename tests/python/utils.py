@@ -86,3 +86,20 @@ def assert_close(
     """Compare ``actual`` (storage dtype) with ``expected`` (accumulation dtype) per the table."""
     rtol, atol = TOLERANCES[(kind, dtype)]
     torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol)
+
+
+def tiny_model(vocab_size: int, **overrides) -> dict:
+    """The ``model`` section of the small racks the training, generation and resume tests
+    build: d_model 32, 4 heads, d_ff 64, two stacks of two blocks, max_seq_len 32; ``overrides``
+    replace or add keys."""
+    return {
+        "vocab_size": vocab_size,
+        "d_model": 32,
+        "n_heads": 4,
+        "n_kv_heads": 4,
+        "d_ff": 64,
+        "n_layers": 4,
+        "max_seq_len": 32,
+        "architecture": {"n_stacks": 2, "blocks_per_stack": 2},
+        **overrides,
+    }

@@ -10,6 +10,7 @@ from stackwise.config.base import StackWiseConfig
 from stackwise.exceptions import CacheCorruptionError, ModelError
 from stackwise.model.architecture import Rack, create_gpt2_model, load_rack, save_rack
 from stackwise.model.mlgka import MLGKALayer
+from utils import tiny_model
 
 TYPES = [
     ("standard", {}),
@@ -89,18 +90,9 @@ def test_padding_keys_do_not_leak():
 
 
 def _tiny_config(**model):
-    base = {
-        "vocab_size": 101,
-        "d_model": 32,
-        "n_heads": 4,
-        "n_kv_heads": 4,
-        "d_ff": 64,
-        "n_layers": 4,
-        "max_seq_len": 32,
-        "architecture": {"n_stacks": 2, "blocks_per_stack": 2},
-    }
-    base.update(model)
-    return StackWiseConfig.from_dict({"model": base, "training": {"seq_len": 16}}).validate()
+    return StackWiseConfig.from_dict(
+        {"model": tiny_model(101, **model), "training": {"seq_len": 16}}
+    ).validate()
 
 
 def test_rack_forward_hidden_and_forward_from():

@@ -17,6 +17,7 @@ from stackwise.run.generate import (
     generate_depth,
     generate_diffusion,
 )
+from utils import tiny_model
 
 VOCAB = 61
 MASK = VOCAB - 1
@@ -33,18 +34,7 @@ VARIANTS = {
 def _config(mode="causal", objective="clm", building="append", **model):
     return StackWiseConfig.from_dict(
         {
-            "model": {
-                "vocab_size": VOCAB,
-                "d_model": 32,
-                "n_heads": 4,
-                "n_kv_heads": 4,
-                "d_ff": 64,
-                "n_layers": 4,
-                "max_seq_len": 48,
-                "attention_mode": mode,
-                "architecture": {"n_stacks": 2, "blocks_per_stack": 2},
-                **model,
-            },
+            "model": tiny_model(VOCAB, max_seq_len=48, attention_mode=mode, **model),
             "training": {
                 "seq_len": 32,
                 "time_step_masking": objective != "clm",

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/python, under torchrun
+from utils import tiny_model  # noqa: E402
+
 VOCAB = 24
 GLOBAL_B = 8
 STEPS = 6
@@ -32,18 +35,7 @@ def make_config(
 
     return StackWiseConfig.from_dict(
         {
-            "model": {
-                "vocab_size": VOCAB,
-                "d_model": 32,
-                "n_heads": 4,
-                "n_kv_heads": 4,
-                "d_ff": 64,
-                "n_layers": 4,
-                "max_seq_len": 32,
-                "use_rope": True,
-                "attention_mode": "causal",
-                "architecture": {"n_stacks": 2, "blocks_per_stack": 2},
-            },
+            "model": tiny_model(VOCAB, use_rope=True, attention_mode="causal"),
             "training": {
                 "device": "cpu",
                 "learning_rate": 3e-3,

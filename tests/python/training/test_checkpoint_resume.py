@@ -15,6 +15,7 @@ from stackwise.config.base import StackWiseConfig
 from stackwise.exceptions import TrainingError
 from stackwise.training import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise.training.checkpoint import checkpoint_folders, latest_checkpoint
+from utils import tiny_model
 
 VOCAB = 24
 STEPS = 6
@@ -50,19 +51,13 @@ def _loader(shuffle: bool = True) -> DataLoader:
 def _config(strategy: str = "frozen", objective: str = "diffusion", **ckpt):
     return StackWiseConfig.from_dict(
         {
-            "model": {
-                "vocab_size": VOCAB,
-                "d_model": 32,
-                "n_heads": 4,
-                "n_kv_heads": 4,
-                "d_ff": 64,
-                "n_layers": 4,
-                "max_seq_len": 16,
-                "use_rope": True,
-                "dropout": 0.1,  # draws from the global RNG at every step
-                "attention_mode": "bidirectional" if objective != "clm" else "causal",
-                "architecture": {"n_stacks": 2, "blocks_per_stack": 2},
-            },
+            "model": tiny_model(
+                VOCAB,
+                max_seq_len=16,
+                use_rope=True,
+                dropout=0.1,  # draws from the global RNG at every step
+                attention_mode="bidirectional" if objective != "clm" else "causal",
+            ),
             "training": {
                 "learning_rate": 3e-3,
                 "max_steps": 0,

@@ -14,6 +14,7 @@ from stackwise.exceptions import TrainingError
 from stackwise.model.quantized import QuantizedLinear
 from stackwise.training import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise.training.core.fusion_trainer import QLoRAAdapter
+from utils import tiny_model
 
 VOCAB = 24
 
@@ -23,19 +24,12 @@ def _config(model=None, **training):
     mode = progressive.get("training_objective", "clm")
     return StackWiseConfig.from_dict(
         {
-            "model": {
-                "vocab_size": VOCAB,
-                "d_model": 32,
-                "n_heads": 4,
-                "n_kv_heads": 4,
-                "d_ff": 64,
-                "n_layers": 4,
-                "max_seq_len": 32,
-                "use_rope": True,
-                "attention_mode": "causal" if mode == "clm" else "bidirectional",
-                "architecture": {"n_stacks": 2, "blocks_per_stack": 2},
+            "model": tiny_model(
+                VOCAB,
+                use_rope=True,
+                attention_mode="causal" if mode == "clm" else "bidirectional",
                 **(model or {}),
-            },
+            ),
             "training": {
                 "learning_rate": 3e-3,
                 "batch_size": 8,
