@@ -260,9 +260,12 @@ std::shared_ptr<const EntryData> CacheStoreCore::load(const CacheKey& key, bool 
     Entry& e = it->second;
     if (e.data) {
       if (for_prefetch) return e.data;
-      if (waited && e.prefetched) ++counters_.prefetch_late;
-      else ++counters_.hits;
-      if (e.prefetched && !waited) ++counters_.prefetch_hits;
+      if (waited && e.prefetched) {
+        ++counters_.prefetch_late;
+      } else {
+        ++counters_.hits;
+        if (e.prefetched) ++counters_.prefetch_hits;
+      }
       e.prefetched = false;
       std::shared_ptr<const EntryData> out = e.data;
       if (release && !e.path.empty() && !e.writing) {
