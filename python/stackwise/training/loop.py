@@ -63,6 +63,35 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def unit_record(
+    *,
+    losses: list[float],
+    step_times: list[float],
+    steps: int,
+    tokens: int,
+    wall: float,
+    cache_fill_s: float,
+    device: torch.device,
+    cache: dict[str, Any] | None,
+    param_groups: list[str],
+) -> dict[str, Any]:
+    """The measurements every trainer records for a trained unit (a stage, a block, a stack):
+    per-step losses and times, tokens and their rate, wall and cache-fill seconds, peak memory,
+    the cache's statistics (None when the unit read no cache) and the optimizer's groups."""
+    return {
+        "losses": losses,
+        "step_ms": [1e3 * t for t in step_times],
+        "steps": steps,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "wall_s": wall,
+        "cache_fill_s": cache_fill_s,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "cache": cache,
+        "param_groups": param_groups,
+    }
+
+
 def count_batches(dataloader) -> int:
     try:
         return len(dataloader)
@@ -339,17 +368,18 @@ class SegmentTrainer:
         record = {
             "label": label,
             **(info or {}),
-            "losses": losses,
-            "step_ms": [1e3 * t for t in step_times],
-            "steps": steps,
-            "tokens": tokens,
-            "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-            "wall_s": wall,
-            "cache_fill_s": cache_time,
             "cached_prefix": cached,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            "cache": self.cache.memory_stats() if cached else None,
-            "param_groups": names,
+            **unit_record(
+                losses=losses,
+                step_times=step_times,
+                steps=steps,
+                tokens=tokens,
+                wall=wall,
+                cache_fill_s=cache_time,
+                device=self.device,
+                cache=self.cache.memory_stats() if cached else None,
+                param_groups=names,
+            ),
         }
         self.history.append(record)
         self._emit("on_unit_end", record)

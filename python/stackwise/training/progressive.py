@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 import math
 import random
-import resource
 import time
 from typing import Any
 
@@ -58,16 +57,11 @@ from stackwise.training.batches import (
     loader_generator,
 )
 from stackwise.training.distributed import DistributedTrainerMixin
+from stackwise.training.loop import unit_record
 from stackwise.training.optim import build_optimizer, clip_gradients, lr_lambda
 from stackwise.training.rack_builder import ProgressiveRackBuilder
 from stackwise.training.stage_steps import StageStepsMixin
 from stackwise.training.strategies.caching import CacheManager
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
@@ -483,16 +477,17 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
             "stack_index": new_idx,
             "n_stacks": len(rack.stacks),
             "mask_ratio": record_ratio,
-            "losses": losses,
-            "step_ms": [1e3 * t for t in step_times],
-            "steps": steps,
-            "tokens": tokens,
-            "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-            "wall_s": wall,
-            "cache_fill_s": cache_time,
-            "peak_memory_bytes": _peak_memory_bytes(self.device),
-            "cache": self.cache.memory_stats() if use_cache else None,
-            "param_groups": [g["name"] for g in opt.param_groups],
+            **unit_record(
+                losses=losses,
+                step_times=step_times,
+                steps=steps,
+                tokens=tokens,
+                wall=wall,
+                cache_fill_s=cache_time,
+                device=self.device,
+                cache=self.cache.memory_stats() if use_cache else None,
+                param_groups=[g["name"] for g in opt.param_groups],
+            ),
         }
         if eval_loader is not None:
             record["eval_loss"] = self.evaluate(rack, eval_loader, ratio)
