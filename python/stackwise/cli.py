@@ -231,6 +231,15 @@ class _UsageError(StackWiseError):
 # -- parser ---------------------------------------------------------------------------------------
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="dotted overrides, e.g. training.lr=3e-4",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="stackwise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -246,12 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints/, rack/, plots/ and summary.{json,md} into the run directory.",
     )
     train.add_argument("--config", metavar="FILE", help="YAML configuration (see configs/)")
-    train.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.sub=value",
-        help="dotted overrides, e.g. training.lr=3e-4",
-    )
+    _add_overrides(train)
     train.add_argument(
         "--run-dir", metavar="DIR", help="run directory (default runs/<config stem>)"
     )
@@ -331,12 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cfg.add_argument("action", choices=["show", "validate", "reference"])
     cfg.add_argument("file", nargs="?", help="YAML configuration (show, validate)")
-    cfg.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.sub=value",
-        help="dotted overrides, e.g. training.lr=3e-4",
-    )
+    _add_overrides(cfg)
     cfg.add_argument(
         "--update", metavar="README", help="reference: rewrite the generated section of this file"
     )
