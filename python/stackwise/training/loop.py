@@ -41,12 +41,7 @@ from stackwise.exceptions import ModelError, TrainingError
 from stackwise.training.batches import CachedSource, check_loader, parse_batch
 from stackwise.training.optim import build_optimizer, clip_gradients, lr_lambda
 from stackwise.training.strategies.caching import CacheManager
-from stackwise.training.strategies.masking import (
-    clm_labels,
-    diffusion_corrupt,
-    mlm_corrupt,
-    token_loss,
-)
+from stackwise.training.strategies.masking import corrupt_batch, token_loss
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,29 +136,16 @@ class SegmentTrainer:
 
     def corrupt(self, parsed: dict[str, Tensor | None], ratio: float) -> tuple[Tensor, Tensor]:
         """``(model inputs, labels)`` for the configured objective at mask ratio ``ratio``."""
-        ids, attn = parsed["input_ids"], parsed["attention_mask"]
-        objective = self.training.progressive.training_objective
-        if objective == "clm":
-            labels = parsed["labels"] if parsed["labels"] is not None else clm_labels(ids, attn)
-            return ids, labels.long()
-        kwargs = dict(
+        return corrupt_batch(
+            parsed,
+            ratio,
+            self.training.progressive.training_objective,
             seed=self.seed,
             mask_token_id=self.mask_token_id,
             special_ids=self.special_ids,
-            attention_mask=attn,
+            vocab_size=self.config.model.vocab_size,
+            masking=self.training.masking,
         )
-        if objective == "mlm":
-            m = self.training.masking
-            return mlm_corrupt(
-                ids,
-                parsed["sample_id"],
-                ratio,
-                vocab_size=self.config.model.vocab_size,
-                mask_prob=m.mask_token_prob,
-                random_prob=m.random_token_prob,
-                **kwargs,
-            )
-        return diffusion_corrupt(ids, parsed["sample_id"], ratio, **kwargs)
 
     def _autocast(self):
         if not self.training.autocast:

@@ -16,9 +16,7 @@ from stackwise.exceptions import TrainingError
 from stackwise.training.batches import parse_batch
 from stackwise.training.strategies.masking import (
     MaskScheduler,
-    clm_labels,
-    diffusion_corrupt,
-    mlm_corrupt,
+    corrupt_batch,
     sample_noise_levels,
     token_loss,
 )
@@ -42,41 +40,24 @@ class StageStepsMixin:
     def _corrupt(self, parsed: dict[str, Tensor], ratio: float):
         """``(inputs, labels, time)``; ``time`` is the per-sample noise level [B] with
         ``time_interpretation: input`` (which replaces ``ratio``), else None."""
-        ids, attn = parsed["input_ids"], parsed["attention_mask"]
         objective = self.progressive.training_objective
-        if objective == "clm":
-            labels = parsed["labels"] if parsed["labels"] is not None else clm_labels(ids, attn)
-            return ids, labels, None
         masking = self.training.masking
         t = None
-        if self.input_time:
+        if objective != "clm" and self.input_time:
             t = sample_noise_levels(
                 parsed["sample_id"], self.seed, masking.min_fraction, masking.max_fraction
             )
             ratio = t
-        if objective == "mlm":
-            inputs, labels = mlm_corrupt(
-                ids,
-                parsed["sample_id"],
-                ratio,
-                seed=self.seed,
-                mask_token_id=self.mask_token_id,
-                vocab_size=self.config.model.vocab_size,
-                special_ids=self.special_ids,
-                attention_mask=attn,
-                mask_prob=masking.mask_token_prob,
-                random_prob=masking.random_token_prob,
-            )
-        else:
-            inputs, labels = diffusion_corrupt(
-                ids,
-                parsed["sample_id"],
-                ratio,
-                seed=self.seed,
-                mask_token_id=self.mask_token_id,
-                special_ids=self.special_ids,
-                attention_mask=attn,
-            )
+        inputs, labels = corrupt_batch(
+            parsed,
+            ratio,
+            objective,
+            seed=self.seed,
+            mask_token_id=self.mask_token_id,
+            special_ids=self.special_ids,
+            vocab_size=self.config.model.vocab_size,
+            masking=masking,
+        )
         return inputs, labels, t
 
     def stage_ratio(self, stage: int, target: int) -> float:

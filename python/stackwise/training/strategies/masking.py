@@ -214,6 +214,42 @@ def clm_labels(input_ids: Tensor, attention_mask: Tensor | None = None) -> Tenso
     return labels
 
 
+def corrupt_batch(
+    parsed: dict[str, Tensor | None],
+    ratio: float | Tensor,
+    objective: str,
+    *,
+    seed: int,
+    mask_token_id: int,
+    special_ids: tuple[int, ...],
+    vocab_size: int,
+    masking,
+) -> tuple[Tensor, Tensor]:
+    """``(model inputs, labels)`` of a parsed batch (``input_ids``, ``attention_mask``,
+    ``labels``, ``sample_id``) for ``objective``: "clm" (the ids and their next-token labels,
+    or the batch's own labels), "mlm" (:func:`mlm_corrupt` with ``masking``'s token
+    probabilities) or "diffusion" (:func:`diffusion_corrupt`), at mask ratio ``ratio`` (a float,
+    or one noise level per sample)."""
+    ids, attn = parsed["input_ids"], parsed["attention_mask"]
+    if objective == "clm":
+        labels = parsed["labels"] if parsed["labels"] is not None else clm_labels(ids, attn)
+        return ids, labels.long()
+    kwargs = dict(
+        seed=seed, mask_token_id=mask_token_id, special_ids=special_ids, attention_mask=attn
+    )
+    if objective == "mlm":
+        return mlm_corrupt(
+            ids,
+            parsed["sample_id"],
+            ratio,
+            vocab_size=vocab_size,
+            mask_prob=masking.mask_token_prob,
+            random_prob=masking.random_token_prob,
+            **kwargs,
+        )
+    return diffusion_corrupt(ids, parsed["sample_id"], ratio, **kwargs)
+
+
 def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross entropy over positions whose label is not -100 (0 when there are none)."""
     flat = labels.reshape(-1)
@@ -227,6 +263,7 @@ def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
 __all__ = [
     "MaskScheduler",
     "clm_labels",
+    "corrupt_batch",
     "diffusion_corrupt",
     "hash_uniform",
     "mlm_corrupt",
