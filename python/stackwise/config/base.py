@@ -143,6 +143,8 @@ class ProgressiveConfig:
     steps_per_stack: int | None = None
     new_stack_init: str = "random"
     stage_budget: str = "uniform"
+    consolidation_steps: int = 0
+    trunk_checkpointing: bool = False
 
 
 @dataclass

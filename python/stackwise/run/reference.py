@@ -99,6 +99,14 @@ DESCRIPTIONS: dict[str, str] = {
         "weights of each new stack: random, identity (zeroed output projections: adding it "
         "leaves the rack's output unchanged) or copy (of the stack it joins)"
     ),
+    "training.progressive.consolidation_steps": (
+        "steps after the last stage training every stack jointly through LoRA on NF4 "
+        "weights (with the final norm and an untied head); part of max_steps"
+    ),
+    "training.progressive.trunk_checkpointing": (
+        "recompute the activations of the stacks a stage does not train in the backward "
+        "pass (bounds a qlora trunk's and the consolidation phase's memory)"
+    ),
     "training.progressive.stage_budget": (
         "split of max_steps over the stages: uniform, front_loaded (stage k of n gets n - k "
         "shares) or back_loaded (k + 1 shares)"
