@@ -141,6 +141,8 @@ class ProgressiveConfig:
     training_objective: str = "clm"
     epochs_per_stack: int = 1
     steps_per_stack: int | None = None
+    new_stack_init: str = "random"
+    stage_budget: str = "uniform"
 
 
 @dataclass

@@ -33,6 +33,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "fp16", "bf16")
 DIST_STRATEGIES = ("none", "ddp", "fsdp")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
+NEW_STACK_INITS = ("random", "identity", "copy")  # training/growth.py
+STAGE_BUDGETS = ("uniform", "front_loaded", "back_loaded")
 
 
 class _Checker:
@@ -178,6 +180,8 @@ def _check_training(c: _Checker, t, model) -> None:
     c.choice("training.progressive.training_objective", p.training_objective, OBJECTIVES)
     c.positive("training.progressive.target_stacks", p.target_stacks)
     c.positive("training.progressive.epochs_per_stack", p.epochs_per_stack)
+    c.choice("training.progressive.new_stack_init", p.new_stack_init, NEW_STACK_INITS)
+    c.choice("training.progressive.stage_budget", p.stage_budget, STAGE_BUDGETS)
     if p.steps_per_stack is not None:
         c.positive("training.progressive.steps_per_stack", p.steps_per_stack)
     if p.time_interpretation == "input" and p.training_objective == "clm":
