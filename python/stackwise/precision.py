@@ -84,11 +84,12 @@ def canonical(
     the accepted spellings when it is unknown or not one of ``allowed``."""
     name = ALIASES.get(precision.lower()) if isinstance(precision, str) else None
     if name is None or name not in allowed:
-        what = "unknown precision" if name is None else "precision not usable here:"
-        message = f"{what} {precision!r}; expected one of {list(spellings(allowed))}"
+        choices = list(spellings(allowed))
         if error is ConfigurationError:
-            raise ConfigurationError(message, key)
-        raise error(f"{key}: {message}" if key else message)
+            raise ConfigurationError(f"{precision!r} is not one of {choices}", key)
+        if key:
+            raise error(f"{key} {precision!r} is not one of {choices}")
+        raise error(f"unknown precision {precision!r}; expected one of {choices}")
     return name
 
 

@@ -31,11 +31,11 @@ def test_aliases_name_one_canonical_precision_each():
 
 
 def test_unknown_or_misplaced_precision_names_key_and_choices():
-    with pytest.raises(ConfigurationError, match=r"^x\.y: unknown precision 'int4'; expected"):
+    with pytest.raises(ConfigurationError, match=r"^x\.y: 'int4' is not one of"):
         precision.canonical("int4", key="x.y")
-    with pytest.raises(ConfigurationError, match="not usable here: 'nf4'.*'as_is'"):
+    with pytest.raises(ConfigurationError, match="'nf4' is not one of.*'as_is'"):
         precision.canonical("nf4", precision.CACHE_STORAGE)
-    with pytest.raises(TrainingError, match="cache_precision: precision not usable here: 'int8'"):
+    with pytest.raises(TrainingError, match="cache_precision 'int8' is not one of"):
         canonical_backup_precision("int8")
     with pytest.raises(QuantizationError, match="unknown precision 7"):
         canonical_precision(7)
