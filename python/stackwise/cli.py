@@ -102,6 +102,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     from stackwise.run.evaluate import evaluate_run, load_run
 
     run = load_run(args.run_dir, device=args.device)
+    _print_notes(run.notes)
     result = evaluate_run(run, args.split, max_batches=args.max_batches)
     atomic_write_text(run.run_dir.root / f"eval-{args.split}.json", json.dumps(result, indent=2))
     if args.json:
@@ -120,11 +121,17 @@ def _eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"stackwise: note: {note}", file=sys.stderr)
+
+
 def _generate_command(args: argparse.Namespace) -> int:
     from stackwise.run import generate as g
     from stackwise.run.evaluate import load_run
 
     run = load_run(args.run_dir, device=args.device)
+    _print_notes(run.notes)
     tok = run.tokenizer
     sampler = args.sampler or ("depth" if run.masked else "ar")
     if run.masked and sampler == "ar":

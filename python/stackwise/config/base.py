@@ -144,6 +144,8 @@ class ProgressiveConfig:
     training_objective: str = choice("clm", ("clm", "mlm", "diffusion"))
     epochs_per_stack: int = 1
     steps_per_stack: int | None = None
+    new_stack_init: str = choice("random", ("random", "identity", "copy"))
+    stage_budget: str = choice("uniform", ("uniform", "front_loaded", "back_loaded"))
 
 
 @dataclass

@@ -18,14 +18,14 @@ unigram baseline a model must beat.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stackwise.exceptions import ConfigurationError, ModelError, TrainingError
+from stackwise.exceptions import ConfigurationError, RackLayoutError, TrainingError
 from stackwise.run.rundir import RunDirectory
 
 MASKED_OBJECTIVES = ("mlm", "diffusion")
@@ -40,6 +40,7 @@ class LoadedRun:
     rack: Any
     tokenizer: Any
     device: torch.device
+    notes: list[str] = field(default_factory=list)  # where the rack came from, when not rack/
 
     @property
     def masked(self) -> bool:
@@ -55,25 +56,34 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_run(path, device: str | None = None) -> LoadedRun:
-    """Load the configuration, tokenizer and final rack of the run in ``path``. The rack comes
-    from ``rack/`` (full-precision racks) or, when that is missing or holds converted stacks,
-    from the newest stage checkpoint."""
+    """Load the configuration, tokenizer and final rack of the run in ``path``.
+
+    The rack comes from ``rack/``; every failure there (a missing or unverifiable manifest
+    entry, a checksum mismatch, weights that do not fit) is raised. Only a rack whose stacks
+    were converted (quantized or adapted trunk, :class:`RackLayoutError`) is rebuilt from the
+    checkpoint ``checkpoints/latest`` names, and ``LoadedRun.notes`` says so; without a
+    ``rack/`` the run is unfinished and the checkpoint is used the same way."""
     from stackwise.config.base import StackWiseConfig
     from stackwise.data.tokenizers import get_tokenizer
     from stackwise.model.architecture import load_rack
+    from stackwise.run.resume import resume_checkpoint
 
     run = RunDirectory(path).require_run()
     config = StackWiseConfig.from_yaml(run.config)
     tokenizer = get_tokenizer(run.read_run_json().get("tokenizer", config.data.tokenizer))
     dev = resolve_device(device or config.training.device)
-    rack = None
+    rack, notes = None, []
+    why = f"{run.rack} holds no saved rack (the run has not finished)"
+    if run.rack.is_dir():
+        why = f"{run.rack} has no manifest.json (its save did not complete)"
     if (run.rack / "manifest.json").is_file():
         try:
             rack = load_rack(run.rack)
-        except (RuntimeError, ModelError):
-            rack = None  # quantized / adapted trunk: rebuilt from the checkpoint below
+        except RackLayoutError as exc:
+            why = str(exc)
     if rack is None:
-        if not (run.checkpoints / "latest").is_file():
+        folder = resume_checkpoint(run.checkpoints, [], repair=False)
+        if folder is None:
             raise TrainingError(
                 f"{run.root} has no trained rack yet (no rack/ and no checkpoint); finish it "
                 f"with: stackwise train --resume --run-dir {run.root}"
@@ -82,8 +92,9 @@ def load_run(path, device: str | None = None) -> LoadedRun:
 
         _, builder = ProgressiveTrainer.resume(str(run.checkpoints), config)
         rack = builder.rack
+        notes.append(f"{why}; using checkpoint {folder.name}")
     rack.to(dev).eval()
-    return LoadedRun(run, config, rack, tokenizer, dev)
+    return LoadedRun(run, config, rack, tokenizer, dev, notes)
 
 
 def eval_mask_ratio(config, n_stacks: int) -> float:

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stackwise.exceptions import TrainingError
+
 SCHEMA: dict[str, tuple[str, ...]] = {
     "stage_start": (
         "stage",
@@ -95,19 +97,62 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every record of a ``metrics.jsonl`` (a torn last line, from a crash, is skipped)."""
+    """Every record of a ``metrics.jsonl``.
+
+    Only a torn last line (one without its newline: the record being written when a run
+    crashed) is skipped. Any other line that is not a JSON object raises :class:`TrainingError`
+    naming the file and the line, so a damaged file is never read as a shorter one.
+    """
     p = Path(path)
     if not p.is_file():
         return []
+    *complete, tail = p.read_bytes().split(b"\n")
     out = []
-    for line in p.read_text().splitlines():
-        if not line.strip():
+    for number, raw in enumerate(complete, start=1):
+        if not raw.strip():
             continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        record = _record(raw)
+        if record is None:
+            raise TrainingError(
+                f"{p}: line {number} is not a JSON record ({raw[:60]!r}); the file is damaged: "
+                "repair or delete that line"
+            )
+        out.append(record)
+    if tail.strip():
+        record = _record(tail)  # a whole record whose newline is missing counts
+        if record is not None:
+            out.append(record)
     return out
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def seal_tail(path: str | os.PathLike[str]) -> bool:
+    """Make ``path`` end with a newline before records are appended to it: a torn last line is
+    cut off, a whole last record missing its newline gets one. Returns True when it changed
+    the file (appending to a torn line would fuse the next record with it)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    data = p.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    cut = data.rfind(b"\n") + 1
+    with open(p, "r+b") as f:
+        if _record(data[cut:]) is not None:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        else:
+            f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
 
 
 class MetricsWriter:
@@ -117,6 +162,7 @@ class MetricsWriter:
     def __init__(self, path: str | os.PathLike[str], tensorboard_dir: str | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        seal_tail(self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard_dir is not None:

@@ -95,6 +95,14 @@ DESCRIPTIONS: dict[str, str] = {
     "training.progressive.training_objective": "next token (clm), masked tokens (mlm), diffusion",
     "training.progressive.epochs_per_stack": "passes over the data per stage (no step count)",
     "training.progressive.steps_per_stack": "steps per stage (overrides max_steps)",
+    "training.progressive.new_stack_init": (
+        "weights of each new stack: random, identity (zeroed output projections: adding it "
+        "leaves the rack's output unchanged) or copy (of the stack it joins)"
+    ),
+    "training.progressive.stage_budget": (
+        "split of max_steps over the stages: uniform, front_loaded (stage k of n gets n - k "
+        "shares) or back_loaded (k + 1 shares)"
+    ),
     "training.qlora.rank": "LoRA rank of trunk adapters",
     "training.qlora.alpha": "LoRA scale numerator (scale = alpha / rank)",
     "training.qlora.dropout": "dropout on the LoRA input",

@@ -101,6 +101,7 @@ def train_run(
             report_rank_error(exc, ctx.rank)
         raise
     finally:
+        run.release()
         ctx.shutdown()
 
 
@@ -161,6 +162,7 @@ def _train(
     from stackwise.run.evaluate import LoadedRun, evaluate_run
     from stackwise.run.metrics import MetricsWriter, read_metrics, truncate_after
     from stackwise.run.progress import MetricsCallback, ProgressCallback, format_duration
+    from stackwise.run.resume import checkpoint_global_step
     from stackwise.run.summary import build_summary, write_summary
 
     t0 = time.perf_counter()
@@ -172,6 +174,8 @@ def _train(
     eval_loader = val_loader if n_val > 0 else None
     prog = config.training.progressive
     progress.line(f"run directory {run.root}" + (" (resumed)" if resume else ""))
+    for note in run.notes:
+        progress.line(note)
     progress.line(
         f"data: corpus {config.data.corpus!r}, tokenizer {tok.name}: "
         f"{len(train_loader.dataset.tokens):,} train tokens ({n_train} windows of "
@@ -179,14 +183,15 @@ def _train(
     )
 
     trainer, builder = _trainer_and_builder(run, config, tok, resume)
+    resumed_step = checkpoint_global_step(run.resume_folder)  # within a stage too
     if resume and (run.checkpoints / "latest").is_file():
         progress.line(
             f"resuming after stage {len(trainer.history)} of {prog.target_stacks} "
-            f"(global step {trainer.global_step})"
+            f"(global step {resumed_step})"
         )
     if resume:  # only once the checkpoint has loaded under it: a misfit keeps the old config
         config.to_yaml(run.config)
-    truncate_after(run.metrics, trainer.global_step, len(trainer.history))
+    truncate_after(run.metrics, resumed_step, len(trainer.history))
     writer = MetricsWriter(run.metrics, str(run.tensorboard))
     metrics = MetricsCallback(writer, config.training.log_every, lambda: trainer.global_step)
     trainer.callbacks = [metrics, progress]

@@ -57,6 +57,7 @@ from stackwise.training.batches import (
     loader_generator,
 )
 from stackwise.training.distributed import DistributedTrainerMixin
+from stackwise.training.growth import init_new_stack, stage_steps_share
 from stackwise.training.loop import unit_record
 from stackwise.training.optim import build_optimizer, clip_gradients, lr_lambda
 from stackwise.training.rack_builder import ProgressiveRackBuilder
@@ -202,6 +203,8 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
                 stopped = "max_steps"
                 break
             rack_builder.add_stack(precision=self._trunk_precision())
+            new_idx = rack_builder.n_stacks - 1 if rack_builder.building_mode == "append" else 0
+            init_new_stack(rack_builder, new_idx, self.progressive.new_stack_init)
             rack.to(self.device)
             self._run_stage(rack_builder, dataloader, stage, plan, eval_loader, steps, n_batches)
         return {
@@ -248,7 +251,7 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
         if p.steps_per_stack:
             steps = p.steps_per_stack
         elif max_steps:
-            steps = max(1, max_steps * (stage + 1) // plan - max_steps * stage // plan)
+            steps = stage_steps_share(max_steps, plan, stage, p.stage_budget)
         else:
             steps = math.ceil(p.epochs_per_stack * n_batches / accum)
         if max_steps:
