@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stackwise import precision
 from stackwise._io import atomic_write_text
 from stackwise.config import _schema
+from stackwise.config._schema import choice
+from stackwise.config.validation import validate_config
 from stackwise.exceptions import (  # noqa: F401  (re-exported with the configuration)
     ConfigurationError,
     ModelError,
@@ -58,7 +61,7 @@ class KernelAttentionConfig:
     """Feature map of kernel (linear) attention: elu, relu, gaussian, softmax (FAVOR+),
     laplacian; ``kernel_dim`` features per head, random projections seeded by ``seed``."""
 
-    kernel_type: str = "elu"
+    kernel_type: str = choice("elu", ("elu", "relu", "gaussian", "softmax", "laplacian"))
     kernel_dim: int = 64
     seed: int = 0
 
@@ -73,8 +76,8 @@ class TokenizerEmbeddingConfig:
     trainable projection).
     """
 
-    family: str = "gpt2"
-    embedding_option: str = "learned"
+    family: str = choice("gpt2", ("gpt2", "bert", "llama", "custom"))
+    embedding_option: str = choice("learned", ("learned", "embed_tokens"))
     freeze_embeddings: bool = False
     path: str | None = None
     embedding_dim: int | None = None
@@ -90,8 +93,8 @@ class ModelConfig:
     n_heads: int = 12
     n_kv_heads: int = 12
     d_ff: int = 3072
-    attention_type: str = "standard"
-    attention_mode: str = "causal"
+    attention_type: str = choice("standard", ("standard", "mha", "gqa", "mla", "kernel", "mlgka"))
+    attention_mode: str = choice("causal", ("causal", "bidirectional"))
     use_rope: bool = False
     tie_embeddings: bool = True
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
@@ -101,7 +104,7 @@ class ModelConfig:
     kernel: KernelAttentionConfig = field(default_factory=KernelAttentionConfig)
     rope_theta: float = 10000.0
     max_seq_len: int = 1024
-    norm: str = "rmsnorm"
+    norm: str = choice("rmsnorm", ("rmsnorm", "layernorm"))
     norm_eps: float = 1e-6
     dropout: float = 0.0
     freeze_up_proj: bool = False
@@ -117,13 +120,13 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: str = choice("adamw", ("adamw", "adam", "sgd"))
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.01
     momentum: float = 0.9
     warmup_steps: int = 0
-    schedule: str = "cosine"
+    schedule: str = choice("cosine", ("cosine", "linear", "constant"))
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     grad_accumulation: int = 1
@@ -132,17 +135,17 @@ class OptimizerConfig:
 @dataclass
 class ProgressiveConfig:
     enabled: bool = True
-    building_mode: str = "append"
+    building_mode: str = choice("append", ("append", "prepend"))
     target_stacks: int = 2
-    trunk_strategy: str = "frozen"
-    new_stack_precision: str = "full"
+    trunk_strategy: str = choice("frozen", ("frozen", "qlora"))
+    new_stack_precision: str = choice("full", precision.spellings(precision.FLOAT))
     cache_activations: bool = True
-    time_interpretation: str = "depth"
-    training_objective: str = "clm"
+    time_interpretation: str = choice("depth", ("depth", "input"))
+    training_objective: str = choice("clm", ("clm", "mlm", "diffusion"))
     epochs_per_stack: int = 1
     steps_per_stack: int | None = None
-    new_stack_init: str = "random"
-    stage_budget: str = "uniform"
+    new_stack_init: str = choice("random", ("random", "identity", "copy"))
+    stage_budget: str = choice("uniform", ("uniform", "front_loaded", "back_loaded"))
 
 
 @dataclass
@@ -167,17 +170,17 @@ class QLoRAConfig:
 class MaskingConfig:
     min_fraction: float = 0.1
     max_fraction: float = 0.9
-    schedule: str = "linear"
+    schedule: str = choice("linear", ("linear", "cosine", "exponential", "constant"))
     mask_token_prob: float = 0.8
     random_token_prob: float = 0.1
 
 
 @dataclass
 class CachingConfig:
-    cache_mode: str = "stack"
+    cache_mode: str = choice("stack", ("stack", "rack", "fusion", "layerwise"))
     max_cache_size: int = 1000
     max_memory_mb: int = 2048
-    storage_precision: str = "fp16"
+    storage_precision: str = choice("fp16", precision.spellings(precision.CACHE_STORAGE))
     spill_dir: str | None = None
     prefetch: int = 2
 
@@ -202,27 +205,29 @@ class DistributedConfig:
     collective (or a barrier waiting for a checkpoint) may wait before the job fails.
     ``training.batch_size`` is the global batch: each of the W ranks reads batch_size / W."""
 
-    strategy: str = "ddp"
-    backend: str = "auto"
+    strategy: str = choice("ddp", ("none", "ddp", "fsdp"))
+    backend: str = choice("auto", ("auto", "gloo", "nccl"))
     timeout_s: float = 600.0
 
 
 @dataclass
 class TrainingConfig:
-    mode: str = "layerwise"
+    mode: str = choice(
+        "layerwise", ("layerwise", "blockwise", "stackwise", "rackwise", "fused", "end_to_end")
+    )
     block_size: int = 4
-    fusion_mode: str = "frozen"
+    fusion_mode: str = choice("frozen", ("frozen", "trainable", "qlora"))
     total_blocks: int = 2
     learning_rate: float = 1e-4
     batch_size: int = 8
     max_steps: int = 1000
     qlora_enabled: bool = True
-    quantization_type: str = "fp16"
+    quantization_type: str = choice("fp16", precision.spellings(precision.TRUNK_STORAGE))
     quantization_enabled: bool = False
     time_step_masking: bool = True
     seq_len: int = 256
-    device: str = "auto"
-    dtype: str = "fp32"
+    device: str = choice("auto", ("auto", "cpu", "cuda"))
+    dtype: str = choice("fp32", precision.spellings(precision.FLOAT))
     autocast: bool = False
     seed: int = 42
     log_every: int = 10
@@ -378,8 +383,6 @@ class StackWiseConfig:
     def validate(self) -> StackWiseConfig:
         """Check every value and cross-field rule; raise ConfigurationError naming the first
         offending dotted key (all problems are listed in the message). Returns self."""
-        from stackwise.config.validation import validate_config
-
         validate_config(self)
         return self
 

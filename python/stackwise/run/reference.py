@@ -1,8 +1,8 @@
 """The configuration reference, generated from the configuration dataclasses.
 
 ``stackwise config reference`` prints it as markdown: one table per section (the dataclass's
-docstring, then every field with its type, default, allowed values from
-:mod:`stackwise.config.validation` and a one-line description from :data:`DESCRIPTIONS`). The
+docstring, then every field with its type, default, the allowed values its field declares
+(:func:`stackwise.config._schema.choice`) and a one-line description from :data:`DESCRIPTIONS`). The
 README's "Configuration reference" section is this output between two marker comments;
 ``stackwise config reference --update README.md`` rewrites it and a test checks that they agree.
 """
@@ -126,8 +126,8 @@ DESCRIPTIONS: dict[str, str] = {
     "training.checkpointing.dir": "checkpoint folder (the CLI uses <run>/checkpoints)",
     "training.checkpointing.every_steps": "checkpoint every N steps in a stage (0: at ends)",
     "training.checkpointing.keep_last": "checkpoints kept",
-    "training.distributed.strategy": "ddp, fsdp or none (refuse more than one process)",
-    "training.distributed.backend": "auto (nccl on CUDA, gloo on CPU), gloo or nccl",
+    "training.distributed.strategy": "data parallelism; none refuses more than one process",
+    "training.distributed.backend": "collective backend; auto is nccl on CUDA, gloo on CPU",
     "training.distributed.timeout_s": "seconds a collective or checkpoint barrier may wait",
     "data.corpus": "shakespeare, pydoc, or a local .txt file, folder of .txt, or .jsonl",
     "data.tokenizer": "gpt2, bytes, or a local tokenizer.json / vocab.txt",
@@ -136,36 +136,6 @@ DESCRIPTIONS: dict[str, str] = {
     "data.packing": "pack documents into fixed windows (always on)",
     "data.text_field": "field holding the text in a .jsonl corpus",
 }
-
-
-def _allowed() -> dict[str, tuple[str, ...]]:
-    from stackwise.config import validation as v
-
-    return {
-        "model.attention_type": v.ATTENTION_TYPES,
-        "model.attention_mode": v.ATTENTION_MODES,
-        "model.norm": v.NORMS,
-        "model.kernel.kernel_type": v.KERNEL_TYPES,
-        "model.tokenizer_embedding.family": v.FAMILIES,
-        "model.tokenizer_embedding.embedding_option": v.EMBEDDING_OPTIONS,
-        "training.mode": v.MODES,
-        "training.fusion_mode": v.FUSION_MODES,
-        "training.quantization_type": v.QUANT_TYPES,
-        "training.device": v.DEVICES,
-        "training.dtype": v.DTYPES,
-        "training.optimizer.name": v.OPTIMIZERS,
-        "training.optimizer.schedule": v.SCHEDULES,
-        "training.progressive.building_mode": v.BUILD_MODES,
-        "training.progressive.trunk_strategy": v.TRUNK,
-        "training.progressive.new_stack_precision": v.STACK_PRECISIONS,
-        "training.progressive.time_interpretation": v.TIME,
-        "training.progressive.training_objective": v.OBJECTIVES,
-        "training.progressive.new_stack_init": v.NEW_STACK_INITS,
-        "training.progressive.stage_budget": v.STAGE_BUDGETS,
-        "training.masking.schedule": v.MASK_SCHEDULES,
-        "training.caching.cache_mode": v.CACHE_MODES,
-        "training.caching.storage_precision": v.STORAGE,
-    }
 
 
 def _type_name(tp: Any) -> str:
@@ -200,9 +170,9 @@ def _sections(cls: type, prefix: str) -> list[tuple[str, type]]:
 
 def config_reference() -> str:
     """The markdown reference of every configuration key."""
+    from stackwise.config._schema import field_choices
     from stackwise.config.base import StackWiseConfig
 
-    allowed = _allowed()
     parts: list[str] = []
     for prefix, cls in _sections(StackWiseConfig, "")[1:]:
         hints = typing.get_type_hints(cls)
@@ -215,8 +185,9 @@ def config_reference() -> str:
                 continue
             key = f"{prefix}.{f.name}"
             desc = DESCRIPTIONS.get(key, "")
-            if key in allowed:
-                desc += ("; " if desc else "") + "one of " + ", ".join(allowed[key])
+            allowed = field_choices(f)
+            if allowed is not None:
+                desc += ("; " if desc else "") + "one of " + ", ".join(allowed)
             parts.append(f"| `{key}` | {_type_name(hints[f.name])} | {_default(f)} | {desc} |")
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"

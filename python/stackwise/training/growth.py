@@ -20,10 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stackwise.config._schema import config_choices
+from stackwise.config.base import ProgressiveConfig
 from stackwise.exceptions import ConfigurationError, TrainingError
 
-NEW_STACK_INITS = ("random", "identity", "copy")
-STAGE_BUDGETS = ("uniform", "front_loaded", "back_loaded")
+NEW_STACK_INITS = config_choices(ProgressiveConfig, "new_stack_init")
+STAGE_BUDGETS = config_choices(ProgressiveConfig, "stage_budget")
 
 
 def _zero_output_projections(stack: nn.Module) -> int:
