@@ -109,10 +109,14 @@ class ModelConfig:
     dropout: float = 0.0
     freeze_up_proj: bool = False
     tokenizer_embedding: TokenizerEmbeddingConfig = field(default_factory=TokenizerEmbeddingConfig)
+    # Width of one attention head; None means d_model / n_heads. Llama-family models such as
+    # those with head_dim != hidden_size / num_attention_heads set it explicitly.
+    head_dim: int | None = None
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def attention_head_dim(self) -> int:
+        """The width of one attention head (``head_dim`` or d_model / n_heads)."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
 
 # ---- training ---------------------------------------------------------------------------------

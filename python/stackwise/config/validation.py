@@ -68,7 +68,15 @@ def _check_model(c: _Checker, m) -> None:
     c.positive("model.norm_eps", m.norm_eps)
     c.fraction("model.dropout", m.dropout, upper_open=True)
     c.positive("model.rope_theta", m.rope_theta)
-    if m.n_heads > 0 and m.d_model > 0 and m.d_model % m.n_heads:
+    if m.head_dim is not None:
+        c.positive("model.head_dim", m.head_dim)
+        if m.attention_type not in ("standard", "mha", "gqa"):
+            c.fail(
+                "model.head_dim",
+                f"an explicit head_dim is supported for attention_type standard, mha or gqa, "
+                f"not {m.attention_type!r}",
+            )
+    elif m.n_heads > 0 and m.d_model > 0 and m.d_model % m.n_heads:
         c.fail("model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if m.n_kv_heads > 0 and m.n_heads > 0:
         if m.n_kv_heads > m.n_heads:
@@ -85,9 +93,9 @@ def _check_model(c: _Checker, m) -> None:
             f"{m.n_kv_heads} != n_heads={m.n_heads} with attention_type "
             f"{m.attention_type!r}; use 'gqa' for grouped heads",
         )
-    head_dim = m.d_model // m.n_heads if m.n_heads > 0 else 0
+    head_dim = m.head_dim or (m.d_model // m.n_heads if m.n_heads > 0 else 0)
     if m.use_rope and head_dim % 2:
-        c.fail("model.use_rope", f"RoPE needs an even head dim, got d_model/n_heads={head_dim}")
+        c.fail("model.use_rope", f"RoPE needs an even head dim, got {head_dim}")
     arch = m.architecture
     c.positive("model.architecture.n_stacks", arch.n_stacks)
     c.positive("model.architecture.blocks_per_stack", arch.blocks_per_stack)

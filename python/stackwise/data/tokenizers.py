@@ -141,10 +141,27 @@ class HFTokenizer:
 
             self._tok = BertWordPieceTokenizer(str(p), lowercase=True)
         self.name = str(p)
+        self._init_ids()
+
+    @classmethod
+    def from_tokenizer(cls, tok, name: str) -> HFTokenizer:
+        """Wrap a ``tokenizers.Tokenizer`` object (e.g. one rebuilt from a GGUF file)."""
+        self = cls.__new__(cls)
+        self._tok = tok
+        self.name = name
+        self._init_ids()
+        return self
+
+    def _init_ids(self) -> None:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.mask_token_id = self._first_id("[MASK]", "<mask>")
         self.pad_token_id = self._first_id("[PAD]", "<pad>")
         self.eos_token_id = self._first_id("[SEP]", "</s>", "<|endoftext|>", "<eos>")
+
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
 
     def _first_id(self, *tokens: str) -> int | None:
         for t in tokens:

@@ -58,6 +58,8 @@ def _layer_kwargs(cfg) -> dict:
         kernel_dim=cfg.kernel.kernel_dim,
         kernel_seed=cfg.kernel.seed,
     )
+    if getattr(cfg, "head_dim", None) is not None:
+        kwargs["head_dim"] = cfg.head_dim
     if cfg.attention_type == "kernel" or (
         cfg.attention_type == "mlgka"
         and cfg.attention_custom

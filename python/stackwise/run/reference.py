@@ -35,6 +35,7 @@ DESCRIPTIONS: dict[str, str] = {
     "model.attention_preset": "shorthand for attention settings (gpt_style, efficient_gqa, ...)",
     "model.attention_custom": "explicit attention settings with attention_preset 'custom'",
     "model.rope_theta": "RoPE base frequency",
+    "model.head_dim": "width of one attention head (null: d_model / n_heads; standard/gqa only)",
     "model.max_seq_len": "longest sequence the rack accepts (also the generation window)",
     "model.norm": "normalisation of the pre-norm blocks",
     "model.norm_eps": "epsilon of the normalisation",
