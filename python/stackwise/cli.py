@@ -112,7 +112,13 @@ def _eval_command(args: argparse.Namespace) -> int:
     print(f"{args.split} split of {run.run_dir.root}: {result['tokens']:,} tokens")
     print(f"  loss              {result['loss']:.4f} nats/token")
     print(f"  perplexity        {result['perplexity']:.2f}")
-    print(f"  bits per byte     {result['bits_per_byte']:.4f}")
+    if result["bits_per_byte"] is not None:
+        print(
+            f"  bits per byte     {result['bits_per_byte']:.4f} "
+            f"({result['bits_per_byte_quantity']})"
+        )
+    else:
+        print("  bits per byte     not reported (the masked-token loss of mlm is no likelihood)")
     if result["masked_accuracy"] is not None:
         print(
             f"  masked accuracy   {100 * result['masked_accuracy']:.2f}% "

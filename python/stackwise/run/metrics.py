@@ -12,8 +12,9 @@ Record types and their keys (every record also has ``time``, seconds since the U
 - ``stage_end``: stage, stack_index, n_stacks, steps, global_step, train_loss (mean of the
   stage's last 10% of steps), eval_loss (null without a validation split), tokens,
   tokens_per_s, wall_s, cache_fill_s, peak_memory_bytes, mask_ratio
-- ``final``: val_loss, perplexity, bits_per_byte, unigram_loss, masked_accuracy (null for causal
-  racks), wall_s
+- ``final``: val_loss, perplexity, bits_per_byte, bits_per_byte_quantity (what that figure
+  measures, :mod:`stackwise.run.likelihood`; both null for mlm racks), unigram_loss,
+  masked_accuracy (null for causal racks), wall_s
 
 Losses are mean cross entropy in nats per predicted token. :data:`SCHEMA` lists the keys and
 :func:`check_record` validates a record against it.
@@ -73,6 +74,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
         "val_loss",
         "perplexity",
         "bits_per_byte",
+        "bits_per_byte_quantity",
         "unigram_loss",
         "masked_accuracy",
         "wall_s",

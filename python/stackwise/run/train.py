@@ -245,6 +245,7 @@ def _train(
             val_loss=evaluation.get("loss"),
             perplexity=evaluation.get("perplexity"),
             bits_per_byte=evaluation.get("bits_per_byte"),
+            bits_per_byte_quantity=evaluation.get("bits_per_byte_quantity"),
             unigram_loss=evaluation.get("unigram_loss"),
             masked_accuracy=evaluation.get("masked_accuracy"),
             wall_s=summary["wall_s"],
@@ -266,10 +267,11 @@ def _train(
         status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_s=summary["wall_s"]
     )
     if evaluation:
+        bpb = evaluation["bits_per_byte"]
         progress.line(
             f"final: val loss {evaluation['loss']:.4f} (perplexity {evaluation['perplexity']:.1f}, "
-            f"{evaluation['bits_per_byte']:.3f} bits/byte); unigram baseline "
-            f"{evaluation['unigram_loss']:.4f}"
+            + (f"{bpb:.3f} bits/byte" if bpb is not None else "no bits/byte")
+            + f"); unigram baseline {evaluation['unigram_loss']:.4f}"
         )
     progress.line(
         f"wall time {format_duration(summary['wall_s'])}; wrote {run.summary_md}, "

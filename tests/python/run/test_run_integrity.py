@@ -30,6 +30,10 @@ def _steps(run) -> list[int]:
     return [r["global_step"] for r in read_metrics(run / "metrics.jsonl") if r["type"] == "step"]
 
 
+def _losses(run) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["type"] == "step"]
+
+
 def _crash_at(run, folder: str, last_step: int) -> None:
     """Make ``run`` look as if it died after writing the records of global step ``last_step``,
     its newest checkpoint being ``folder``."""
@@ -53,12 +57,14 @@ def test_mid_stage_resume_keeps_the_interrupted_stages_records(tmp_path, make_ti
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), *CHECKPOINT_EVERY]) == 0
     assert _steps(run) == list(range(1, 9))
+    losses = _losses(run)
     # died at global step 7 (stage 1, step 3); the newest checkpoint is stage 1 after step 2
     _crash_at(run, "stage-001-step-000002", 7)
     capsys.readouterr()
     assert main(["train", "--run-dir", str(run), "--resume"]) == 0
     assert "(global step 6)" in capsys.readouterr().out
     assert _steps(run) == list(range(1, 9))  # 5 and 6 were lost before
+    assert _losses(run) == losses  # the steps after the checkpoint ran again, identically
     kinds = [r["type"] for r in read_metrics(run / "metrics.jsonl")]
     assert kinds.count("stage_start") == 2 and kinds.count("final") == 1
 
