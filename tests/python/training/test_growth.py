@@ -148,8 +148,9 @@ def test_trainer_applies_init_and_budget():
 
 
 def test_validation_knows_the_same_choices():
-    from stackwise.config import validation
+    from stackwise.config._schema import config_choices
+    from stackwise.config.base import ProgressiveConfig
     from stackwise.training import growth
 
-    assert validation.NEW_STACK_INITS == growth.NEW_STACK_INITS
-    assert validation.STAGE_BUDGETS == growth.STAGE_BUDGETS
+    assert config_choices(ProgressiveConfig, "new_stack_init") == growth.NEW_STACK_INITS
+    assert config_choices(ProgressiveConfig, "stage_budget") == growth.STAGE_BUDGETS
