@@ -31,6 +31,18 @@ _TOP_LEVEL_LAYER = {"cli": "cli", "__main__": "cli", "info": "cli"}
 # Cycles the training-loop rewrite (issue T1) is still cutting: their tests may fail until then.
 _PENDING = {"stackwise.training"}
 
+# Known exceptions, each to be removed when its module moves to the layer it belongs to; any
+# other upward import or cycle fails. The pretrained-model import/export (model/hf*.py) reads
+# tokenizers (data) and exports LoRA adapters (training): it belongs above both.
+_HF = "model/hf*.py belongs above data and training"
+_KNOWN_UPWARD = {
+    ("stackwise.model.hf", "stackwise.data.tokenizers"): _HF,
+    ("stackwise.model.hf_export", "stackwise.data.tokenizers"): _HF,
+    ("stackwise.model.hf_export", "stackwise.training.core.qlora"): _HF,
+    ("stackwise.model.hf_gguf", "stackwise.data.tokenizers"): _HF,
+}
+_KNOWN_CYCLES = {frozenset({"stackwise.model.hf", "stackwise.model.hf_gguf"}): _HF}
+
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
@@ -127,7 +139,11 @@ def _pending(area: str):
 
 @pytest.mark.parametrize("area", [_pending(a) for a in AREAS])
 def test_no_import_cycle(area):
-    cycles = [c for c in _cycles() if any(_area(m) == area for m in c)]
+    cycles = [
+        c
+        for c in _cycles()
+        if any(_area(m) == area for m in c) and frozenset(c) not in _KNOWN_CYCLES
+    ]
     assert not cycles, f"import cycles through {area}: {cycles}"
 
 
@@ -138,7 +154,7 @@ def test_imports_run_one_way(area):
         for m in MODULES
         if _area(m) == area
         for t in sorted(GRAPH[m])
-        if LAYERS.index(_layer(t)) > LAYERS.index(_layer(m))
+        if LAYERS.index(_layer(t)) > LAYERS.index(_layer(m)) and (m, t) not in _KNOWN_UPWARD
     ]
     assert not upward, "imports against the layer order:\n" + "\n".join(upward)
 

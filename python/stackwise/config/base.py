@@ -7,8 +7,9 @@
 
 Sections mirror the YAML layout of the original StackWise project (``model.architecture``,
 ``model.attention_preset`` / ``attention_custom``, ``model.tokenizer_embedding``,
-``training.progressive``, ``training.qlora``, ``training.optimizer``), so those files load as
-they are. Validation rules live in :mod:`stackwise.config.validation`.
+``training.progressive``, ``training.qlora``, ``training.optimizer``); the keys that project
+named differently are read through :mod:`stackwise.config.legacy`, with a warning naming the key
+to use. Validation rules live in :mod:`stackwise.config.validation`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from stackwise import precision
 from stackwise._io import atomic_write_text
 from stackwise.config import _schema
 from stackwise.config._schema import choice
+from stackwise.config.legacy import ATTENTION_PRESETS, translate_original_layout
 from stackwise.config.validation import validate_config
 from stackwise.exceptions import (  # noqa: F401  (re-exported with the configuration)
     ConfigurationError,
@@ -261,17 +263,6 @@ class DataConfig:
 
 # ---- presets and aliases ----------------------------------------------------------------------
 
-# What each attention preset of the original layout means, as explicit settings. A key the YAML
-# sets itself wins over the preset.
-ATTENTION_PRESETS: dict[str, dict[str, Any]] = {
-    "bert_style": {"attention_type": "standard", "attention_mode": "bidirectional"},
-    "gpt_style": {"attention_type": "standard", "attention_mode": "causal"},
-    "efficient_gqa": {"attention_type": "gqa", "attention_mode": "causal", "use_rope": True},
-    "mla_attention": {"attention_type": "mla", "attention_mode": "causal", "use_rope": True},
-    "kernel_attention": {"attention_type": "kernel", "attention_mode": "causal"},
-    "mlgka": {"attention_type": "mlgka", "attention_mode": "causal", "use_rope": True},
-    "custom": {},
-}
 _ATTENTION_KEYS = ("attention_type", "attention_mode", "use_rope", "n_kv_heads", "rope_theta")
 
 # Short spellings accepted in YAML and overrides.
@@ -295,35 +286,74 @@ def _resolve_aliases(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _apply_preset(model: dict[str, Any]) -> None:
+    """Expand ``attention_preset`` and ``attention_custom`` into the model's own keys. A key the
+    model section sets itself wins over the preset; ``attention_custom`` (read with any preset)
+    also wins over the preset, and may not contradict a key the model section sets."""
     preset = model.get("attention_preset")
-    if preset is None:
-        return
-    if preset not in ATTENTION_PRESETS:
+    custom = model.get("attention_custom")
+    if preset is not None and preset not in ATTENTION_PRESETS:
         raise ConfigurationError(
             f"{preset!r} is not one of {sorted(ATTENTION_PRESETS)}", "model.attention_preset"
         )
-    settings = dict(ATTENTION_PRESETS[preset])
+    if preset == "custom" and not isinstance(custom, dict):
+        raise ConfigurationError(
+            "attention_preset 'custom' needs an attention_custom mapping of "
+            f"{list(_ATTENTION_KEYS)}",
+            "model.attention_custom",
+        )
+    if custom is not None and not isinstance(custom, dict):
+        raise ConfigurationError(
+            f"expected a mapping of {list(_ATTENTION_KEYS)}, got {custom!r}",
+            "model.attention_custom",
+        )
+    settings = dict(ATTENTION_PRESETS.get(preset, {})) if preset is not None else {}
+    n_heads = model.get("n_heads", ModelConfig.n_heads)
     if preset == "efficient_gqa" and "n_kv_heads" not in model:
-        n_heads = model.get("n_heads", ModelConfig.n_heads)
         if isinstance(n_heads, int) and n_heads % 4 == 0:
             settings["n_kv_heads"] = n_heads // 4
-    if preset == "custom":
-        custom = model.get("attention_custom")
-        if not isinstance(custom, dict):
+    if preset in ("gpt_style", "bert_style"):
+        # As in the original layout, fewer key/value heads than query heads means grouped
+        # (GQA) heads within the preset's multi-head attention.
+        n_kv = model.get("n_kv_heads")
+        if isinstance(n_kv, int) and isinstance(n_heads, int) and 0 < n_kv < n_heads:
+            settings["attention_type"] = "gqa"
+    for key, value in (custom or {}).items():
+        if key not in _ATTENTION_KEYS:
             raise ConfigurationError(
-                "attention_preset 'custom' needs an attention_custom mapping of "
-                f"{list(_ATTENTION_KEYS)}",
-                "model.attention_custom",
+                f"unknown key; attention_custom takes {list(_ATTENTION_KEYS)}",
+                f"model.attention_custom.{key}",
             )
-        for key in custom:
-            if key not in _ATTENTION_KEYS:
-                raise ConfigurationError(
-                    f"unknown key; attention_custom takes {list(_ATTENTION_KEYS)}",
-                    f"model.attention_custom.{key}",
-                )
-        settings.update(custom)
+        if key in model and model[key] != value:
+            raise ConfigurationError(
+                f"{value!r} contradicts model.{key}={model[key]!r}; keep one",
+                f"model.attention_custom.{key}",
+            )
+        settings[key] = value
     for key, value in settings.items():
         model.setdefault(key, value)
+
+
+def _derive_n_layers(model: dict[str, Any]) -> None:
+    """The original layout gives the depth as ``architecture`` alone (n_layers deprecated
+    there): n_layers is then n_stacks x blocks_per_stack."""
+    arch = model.get("architecture")
+    if "n_layers" in model or not isinstance(arch, dict):
+        return
+    n_stacks = arch.get("n_stacks", ArchitectureConfig.n_stacks)
+    per_stack = arch.get("blocks_per_stack", ArchitectureConfig.blocks_per_stack)
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n_stacks, per_stack)):
+        model["n_layers"] = n_stacks * per_stack
+
+
+def _build(cls: type, raw: dict[str, Any], written_as: dict[str, str]) -> Any:
+    """``_schema.from_dict``, reporting a key under the name the file wrote it with."""
+    try:
+        return _schema.from_dict(cls, raw)
+    except ConfigurationError as exc:
+        if exc.key is None or exc.key not in written_as:
+            raise
+        message = str(exc).removeprefix(f"{exc.key}: ")
+        raise ConfigurationError(message, written_as[exc.key]) from None
 
 
 @dataclass
@@ -352,10 +382,14 @@ class StackWiseConfig:
                 raise ConfigurationError(f"override {item!r} is not of the form key.sub=value")
             key = KEY_ALIASES.get(key.strip(), key.strip())
             _schema.set_dotted(raw, key, _schema.yaml_load(text) if text.strip() else None)
+        raw, written_as = translate_original_layout(raw)
         raw = _resolve_aliases(raw)
         if isinstance(raw.get("model"), dict):
             _apply_preset(raw["model"])
-        return _schema.from_dict(cls, raw)
+            _derive_n_layers(raw["model"])
+        config = _build(cls, raw, written_as)
+        config._written_as = written_as
+        return config
 
     @classmethod
     def from_yaml(
@@ -387,7 +421,7 @@ class StackWiseConfig:
     def validate(self) -> StackWiseConfig:
         """Check every value and cross-field rule; raise ConfigurationError naming the first
         offending dotted key (all problems are listed in the message). Returns self."""
-        validate_config(self)
+        validate_config(self, getattr(self, "_written_as", {}))
         return self
 
     @property

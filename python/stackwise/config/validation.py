@@ -244,9 +244,10 @@ def _check_data(c: _Checker, d) -> None:
         c.positive("data.seq_len", d.seq_len)
 
 
-def validate_config(config: Any) -> None:
+def validate_config(config: Any, written_as: dict[str, str] | None = None) -> None:
     """Raise ConfigurationError listing every problem of a ``StackWiseConfig``, keyed by the
-    first."""
+    first. ``written_as`` maps a key to the name the file wrote it with (the original layout's
+    names, :mod:`stackwise.config.legacy`); problems are reported under that name."""
     c = _Checker()
     for name in ("model", "training", "data"):
         _check_choices(c, getattr(config, name), name)
@@ -254,6 +255,8 @@ def validate_config(config: Any) -> None:
     _check_training(c, config.training, config.model)
     _check_data(c, config.data)
     if c.problems:
+        names = written_as or {}
+        c.problems = [(names.get(k, k), m) for k, m in c.problems]
         key, message = c.problems[0]
         rest = "".join(f"\n  {k}: {m}" for k, m in c.problems[1:])
         more = f" (and {len(c.problems) - 1} more:{rest})" if rest else ""
