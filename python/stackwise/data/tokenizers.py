@@ -181,7 +181,8 @@ _CACHE: dict[str, object] = {}
 
 
 def get_tokenizer(name_or_path: str):
-    """``"gpt2"``, ``"bytes"``, or a local folder / ``tokenizer.json`` / ``vocab.txt``."""
+    """``"gpt2"``, ``"bytes"``, a local folder / ``tokenizer.json`` / ``vocab.txt``, or a GGUF
+    model file (its tokenizer, rebuilt from the metadata)."""
     key = str(name_or_path)
     if key in _CACHE:
         return _CACHE[key]
@@ -189,6 +190,10 @@ def get_tokenizer(name_or_path: str):
         tok = GPT2Tokenizer()
     elif key in ("bytes", "byte"):
         tok = ByteTokenizer()
+    elif Path(key).is_file() and key.lower().endswith(".gguf"):
+        from stackwise.model.hf_gguf import gguf_tokenizer
+
+        tok = gguf_tokenizer(Path(key))
     elif Path(key).exists():
         tok = HFTokenizer(key)
     else:
