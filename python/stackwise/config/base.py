@@ -150,8 +150,10 @@ class ProgressiveConfig:
     training_objective: str = choice("clm", ("clm", "mlm", "diffusion"))
     epochs_per_stack: int = 1
     steps_per_stack: int | None = None
-    new_stack_init: str = choice("random", ("random", "identity", "copy"))
+    new_stack_init: str = choice("auto", ("auto", "random", "identity", "copy"))
     stage_budget: str = choice("uniform", ("uniform", "front_loaded", "back_loaded"))
+    consolidation_steps: int = 0
+    trunk_checkpointing: bool = False
 
 
 @dataclass
@@ -246,6 +248,9 @@ class TrainingConfig:
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_id: str | None = None
+    # A local Hugging Face Llama folder or Llama GGUF file whose blocks become the trunk
+    # (stackwise.model.hf_init): new stacks are appended to the pretrained model.
+    init_from: str | None = None
 
 
 # ---- data -------------------------------------------------------------------------------------

@@ -202,6 +202,19 @@ def _check_training(c: _Checker, t, model) -> None:
     p = t.progressive
     c.positive("training.progressive.target_stacks", p.target_stacks)
     c.positive("training.progressive.epochs_per_stack", p.epochs_per_stack)
+    c.non_negative("training.progressive.consolidation_steps", p.consolidation_steps)
+    if p.consolidation_steps and t.max_steps > 0 and p.consolidation_steps >= t.max_steps:
+        c.fail(
+            "training.progressive.consolidation_steps",
+            f"{p.consolidation_steps} leaves no step of training.max_steps={t.max_steps} "
+            "for the stages",
+        )
+    if p.consolidation_steps and (p.building_mode != "append" or p.training_objective != "clm"):
+        c.fail(
+            "training.progressive.consolidation_steps",
+            "the consolidation phase is implemented for building_mode 'append' with the "
+            "'clm' objective",
+        )
     if p.steps_per_stack is not None:
         c.positive("training.progressive.steps_per_stack", p.steps_per_stack)
     if p.time_interpretation == "input" and p.training_objective == "clm":

@@ -185,11 +185,26 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def gguf_tokenizer(path: Path) -> HFTokenizer:
+    """The tokenizer of a GGUF model file, rebuilt from its ``tokenizer.ggml.*`` metadata by
+    ``transformers``."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers raises many kinds on unsupported metadata
+        raise ConfigurationError(
+            f"{path}: the tokenizer could not be rebuilt: {exc}", "data.tokenizer"
+        ) from None
+    return HFTokenizer.from_tokenizer(tok.backend_tokenizer, str(path))
+
+
 _CACHE: dict[str, object] = {}
 
 
 def get_tokenizer(name_or_path: str):
-    """``"gpt2"``, ``"bytes"``, or a local folder / ``tokenizer.json`` / ``vocab.txt``."""
+    """``"gpt2"``, ``"bytes"``, a local folder / ``tokenizer.json`` / ``vocab.txt``, or a GGUF
+    model file (its tokenizer, rebuilt from the metadata)."""
     key = str(name_or_path)
     if key in _CACHE:
         return _CACHE[key]
@@ -197,6 +212,8 @@ def get_tokenizer(name_or_path: str):
         tok = GPT2Tokenizer()
     elif key in ("bytes", "byte"):
         tok = ByteTokenizer()
+    elif Path(key).is_file() and key.lower().endswith(".gguf"):
+        tok = gguf_tokenizer(Path(key))
     elif Path(key).exists():
         tok = HFTokenizer(key)
     else:

@@ -76,6 +76,10 @@ DESCRIPTIONS: dict[str, str] = {
     "training.log_every": "steps between metrics records and plain progress lines",
     "training.eval_every": "steps between validation evaluations (and at each stage's end)",
     "training.run_id": "free-form run name (not read by stackwise train)",
+    "training.init_from": (
+        "local Hugging Face Llama folder or Llama .gguf file: its blocks become the trunk "
+        "(in stacks of blocks_per_stack), target_stacks counts them; new stacks are appended"
+    ),
     "training.optimizer.name": "optimizer of every stage",
     "training.optimizer.betas": "Adam betas",
     "training.optimizer.eps": "Adam epsilon",
@@ -97,8 +101,17 @@ DESCRIPTIONS: dict[str, str] = {
     "training.progressive.epochs_per_stack": "passes over the data per stage (no step count)",
     "training.progressive.steps_per_stack": "steps per stage (overrides max_steps)",
     "training.progressive.new_stack_init": (
-        "weights of each new stack: random, identity (zeroed output projections: adding it "
-        "leaves the rack's output unchanged) or copy (of the stack it joins)"
+        "weights of each new stack: auto (identity on a training.init_from trunk, else random), "
+        "random, identity (zeroed output projections: adding it leaves the rack's output "
+        "unchanged) or copy (of the stack it joins)"
+    ),
+    "training.progressive.consolidation_steps": (
+        "steps after the last stage training every stack jointly through LoRA on NF4 "
+        "weights (with the final norm and an untied head); part of max_steps"
+    ),
+    "training.progressive.trunk_checkpointing": (
+        "recompute the activations of the stacks a stage does not train in the backward "
+        "pass (bounds a qlora trunk's and the consolidation phase's memory)"
     ),
     "training.progressive.stage_budget": (
         "split of max_steps over the stages: uniform, front_loaded (stage k of n gets n - k "

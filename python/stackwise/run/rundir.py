@@ -11,6 +11,7 @@
       plots/loss.png     train and validation loss over global steps, stage boundaries marked
       plots/memory.png   peak memory per stage
       summary.json       final figures; summary.md the same for people
+      .lock              held (flock) by the stackwise train process using the folder
 
 An existing folder is refused unless the run resumes (``--resume``) or replaces it
 (``--overwrite``), so a finished run is never clobbered by accident.

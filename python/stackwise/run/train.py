@@ -35,6 +35,9 @@ def _load_config(config_path, overrides, run: RunDirectory | None, resume: bool)
         config = StackWiseConfig.from_yaml(run.config, overrides=overrides)
     else:
         raise ConfigurationError("--config FILE is required (or --resume with --run-dir)")
+    from stackwise.model.hf_init import apply_init_from
+
+    apply_init_from(config)  # training.init_from: the model section follows the pretrained model
     return config.validate()
 
 
@@ -141,6 +144,9 @@ def _trainer_and_builder(run: RunDirectory, config, tok, resume: bool):
         torch.manual_seed(config.training.seed)
         prog = config.training.progressive
         builder = ProgressiveRackBuilder(config=config, building_mode=prog.building_mode)
+        from stackwise.model.hf_init import seed_trunk
+
+        seed_trunk(builder)  # the pretrained trunk of training.init_from, if any
         trainer = ProgressiveTrainer(config=config, tokenizer_ids=ids)
     trainer.checkpoint_dir = str(run.checkpoints)
     return trainer, builder

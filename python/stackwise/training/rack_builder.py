@@ -100,6 +100,21 @@ class ProgressiveRackBuilder:
         self.adapter_ranks.insert(0, None)
         return stack
 
+    def load_trunk(self, stacks: list[Stack], precision: str = "full") -> None:
+        """Append already-trained stacks (e.g. an imported pretrained model's, see
+        :mod:`stackwise.model.hf_init`) as the trunk: frozen and converted to ``precision`` when
+        the next stack trains, like any stack the rack has outgrown."""
+        if self.n_stacks:
+            raise TrainingError("load_trunk needs an empty rack builder")
+        _precision.canonical(precision, _precision.TRUNK_STORAGE, key="precision")
+        for stack in stacks:
+            self.rack.stacks.append(stack)
+            self.precisions.append(precision)
+            self.converted.append(False)
+            self.strategies.append("")
+            self.adapter_ranks.append(None)
+            self._layer_seed += len(stack)
+
     def add_stack(self, n_blocks: int | None = None, precision: str = "full") -> Stack:
         """Append or prepend, following ``building_mode``."""
         if self.building_mode == "append":
