@@ -186,6 +186,7 @@ def config_reference() -> str:
     """The markdown reference of every configuration key."""
     from stackwise.config._schema import field_choices
     from stackwise.config.base import StackWiseConfig
+    from stackwise.config.validation import SIZE_LIMITS
 
     parts: list[str] = []
     for prefix, cls in _sections(StackWiseConfig, "")[1:]:
@@ -202,6 +203,8 @@ def config_reference() -> str:
             allowed = field_choices(f)
             if allowed is not None:
                 desc += ("; " if desc else "") + "one of " + ", ".join(allowed)
+            if key in SIZE_LIMITS:
+                desc += ("; " if desc else "") + f"at most {SIZE_LIMITS[key]:,}"
             parts.append(f"| `{key}` | {_type_name(hints[f.name])} | {_default(f)} | {desc} |")
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
