@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -15,10 +16,29 @@ import yaml
 
 from stackwise.exceptions import ConfigurationError
 
+# The largest integer any configuration value may take (int64 arithmetic in torch, sizes in the
+# native kernels): a larger one is a typo, never a size.
+INT_LIMIT = 2**62
+
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also resolves exponent numbers without a dot (``1e-4``, ``5E3``) as
-    floats; plain YAML 1.1 reads them as strings."""
+    floats (plain YAML 1.1 reads them as strings), and refuses a mapping that repeats a key
+    (plain YAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigurationError(
+                    f"duplicate key {key!r} on line {line} (first set on line {seen[key]})"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -41,6 +61,27 @@ def yaml_load(text: str) -> Any:
 
 def yaml_dump(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def choice(default: str, allowed: tuple[str, ...]) -> Any:
+    """A dataclass field whose value must be one of ``allowed``: the one place a key's allowed
+    values are written (validation and the configuration reference read them from here)."""
+    if default not in allowed:
+        raise ValueError(f"default {default!r} is not one of {allowed}")
+    return dataclasses.field(default=default, metadata={"choices": tuple(allowed)})
+
+
+def field_choices(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """The allowed values declared on a field by :func:`choice`, or None."""
+    return f.metadata.get("choices")
+
+
+def config_choices(cls: type, name: str) -> tuple[str, ...]:
+    """The allowed values of field ``name`` of the config dataclass ``cls``."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and field_choices(f) is not None:
+            return field_choices(f)
+    raise KeyError(f"{cls.__name__}.{name} declares no allowed values")
 
 
 def _type_name(tp: Any) -> str:
@@ -109,12 +150,18 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigurationError(
                 f"expected a number, got {type(value).__name__} {value!r}", key
             )
+        if isinstance(value, int) and abs(value) > INT_LIMIT:
+            raise ConfigurationError(f"{value} is out of range (at most {INT_LIMIT})", key)
+        if not math.isfinite(value):
+            raise ConfigurationError(f"must be a finite number, got {value!r}", key)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigurationError(
                 f"expected an integer, got {type(value).__name__} {value!r}", key
             )
+        if abs(value) > INT_LIMIT:
+            raise ConfigurationError(f"{value} is out of range (at most {INT_LIMIT})", key)
         return value
     if tp is bool:
         if not isinstance(value, bool):

@@ -134,17 +134,42 @@ class HFTokenizer:
                 raise ConfigurationError(
                     f"{p} holds neither tokenizer.json nor vocab.txt", "data.tokenizer"
                 )
-        if p.name.endswith(".json"):
-            self._tok = Tokenizer.from_file(str(p))
-        else:
-            from tokenizers.implementations import BertWordPieceTokenizer
+        try:
+            if p.name.endswith(".json"):
+                self._tok = Tokenizer.from_file(str(p))
+            else:
+                from tokenizers.implementations import BertWordPieceTokenizer
 
-            self._tok = BertWordPieceTokenizer(str(p), lowercase=True)
+                self._tok = BertWordPieceTokenizer(str(p), lowercase=True)
+        except Exception as exc:  # the library raises plain Exceptions with its parser's text
+            what = "tokenizer.json" if p.name.endswith(".json") else "WordPiece vocab.txt"
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigurationError(
+                f"{p} is not a {what} the tokenizers library can read ({detail})",
+                "data.tokenizer",
+            ) from None
         self.name = str(p)
+        self._init_ids()
+
+    @classmethod
+    def from_tokenizer(cls, tok, name: str) -> HFTokenizer:
+        """Wrap a ``tokenizers.Tokenizer`` object (e.g. one rebuilt from a GGUF file)."""
+        self = cls.__new__(cls)
+        self._tok = tok
+        self.name = name
+        self._init_ids()
+        return self
+
+    def _init_ids(self) -> None:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.mask_token_id = self._first_id("[MASK]", "<mask>")
         self.pad_token_id = self._first_id("[PAD]", "<pad>")
         self.eos_token_id = self._first_id("[SEP]", "</s>", "<|endoftext|>", "<eos>")
+
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
 
     def _first_id(self, *tokens: str) -> int | None:
         for t in tokens:
@@ -160,11 +185,26 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def gguf_tokenizer(path: Path) -> HFTokenizer:
+    """The tokenizer of a GGUF model file, rebuilt from its ``tokenizer.ggml.*`` metadata by
+    ``transformers``."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers raises many kinds on unsupported metadata
+        raise ConfigurationError(
+            f"{path}: the tokenizer could not be rebuilt: {exc}", "data.tokenizer"
+        ) from None
+    return HFTokenizer.from_tokenizer(tok.backend_tokenizer, str(path))
+
+
 _CACHE: dict[str, object] = {}
 
 
 def get_tokenizer(name_or_path: str):
-    """``"gpt2"``, ``"bytes"``, or a local folder / ``tokenizer.json`` / ``vocab.txt``."""
+    """``"gpt2"``, ``"bytes"``, a local folder / ``tokenizer.json`` / ``vocab.txt``, or a GGUF
+    model file (its tokenizer, rebuilt from the metadata)."""
     key = str(name_or_path)
     if key in _CACHE:
         return _CACHE[key]
@@ -172,6 +212,8 @@ def get_tokenizer(name_or_path: str):
         tok = GPT2Tokenizer()
     elif key in ("bytes", "byte"):
         tok = ByteTokenizer()
+    elif Path(key).is_file() and key.lower().endswith(".gguf"):
+        tok = gguf_tokenizer(Path(key))
     elif Path(key).exists():
         tok = HFTokenizer(key)
     else:

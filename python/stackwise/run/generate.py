@@ -18,6 +18,14 @@ which two samplers fill in:
   at step t = T..1 each masked position draws its token and is revealed with probability 1/t, so
   the last step reveals all.
 
+A rack with a time embedding (``time_interpretation: input``) is told the noise level of each
+step, following the sampler's schedule: the depth sampler's step i gets r_i, the mask ratio of
+stack i's stage; the diffusion sampler's step t of T gets t/T,
+the expected masked fraction of the generated positions at that step.
+
+One request generates at most :data:`MAX_NEW_TOKENS` tokens (65,536), checked before any work:
+a larger request is a typo (it would run for hours); generate in several calls instead.
+
 Sampling: ``temperature`` 0 is greedy; otherwise softmax(logits / temperature) after top-k and
 top-p (nucleus) filtering. Mask and pad ids are never produced. Everything random is drawn from
 one ``torch.Generator`` seeded with ``seed``, so a seed fixes the output.
@@ -32,6 +40,16 @@ from stackwise.exceptions import ConfigurationError
 from stackwise.model.attention import KVCache
 
 SAMPLERS = ("ar", "depth", "diffusion")
+MAX_NEW_TOKENS = 65536
+
+
+def check_max_new_tokens(n: object) -> int:
+    """``n`` if it is a whole number in [1, :data:`MAX_NEW_TOKENS`], else ConfigurationError."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
+        raise ConfigurationError(
+            f"must be a whole number in [1, {MAX_NEW_TOKENS}], got {n!r}", "--max-new-tokens"
+        )
+    return n
 
 
 def filter_logits(
@@ -108,6 +126,7 @@ def generate_causal(
     banned=(),
 ) -> list[int]:
     """Prompt + ``max_new_tokens`` sampled tokens (see the module docstring)."""
+    check_max_new_tokens(max_new_tokens)
     if not prompt_ids:
         raise ConfigurationError("the prompt encodes to no token; give some text", "--prompt")
     limit = rack.config.max_seq_len
@@ -146,10 +165,16 @@ def _level(config, i: int, n: int) -> float:
     ).get_mask_fraction(i, n)
 
 
+def _time(rack, level: float, device) -> Tensor | None:
+    """The noise level ``level`` as the time input [1] of a time-conditioned rack, else None."""
+    if getattr(rack, "time_embedding", None) is None:
+        return None
+    return torch.full((1,), float(level), device=device)
+
+
 def _masked_start(rack, prompt_ids, max_new_tokens, mask_id) -> tuple[Tensor, int]:
     limit = rack.config.max_seq_len
-    if max_new_tokens < 1:
-        raise ConfigurationError("must be >= 1", "--max-new-tokens")
+    check_max_new_tokens(max_new_tokens)
     if len(prompt_ids) + max_new_tokens > limit:
         raise ConfigurationError(
             f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceed the rack's "
@@ -187,7 +212,8 @@ def generate_depth(
         if len(masked) == 0:
             break
         start = i if prepend else 0
-        h = rack.forward_from(rack.embed(x), start)
+        time = _time(rack, _level(config, i, n), x.device)
+        h = rack.forward_from(rack.embed(x, time), start)
         logits = rack.logits(h)[0, masked]
         ids, conf = choose(logits, gen, temperature, top_k, top_p, banned)
         keep_masked = min(len(masked), round(_level(config, i + 1, n) * max_new_tokens))
@@ -222,7 +248,7 @@ def generate_diffusion(
         masked = masked[masked >= p]
         if len(masked) == 0:
             break
-        logits = rack(x)[0, masked]
+        logits = rack(x, time=_time(rack, t / steps, x.device))[0, masked]
         ids, _ = choose(logits, gen, temperature, top_k, top_p, banned)
         reveal = torch.rand(len(masked), generator=gen) < 1.0 / t
         x[0, masked[reveal]] = ids[reveal].to(x.device)

@@ -56,7 +56,9 @@ from stackwise.training.batches import (
     check_loader,
     loader_generator,
 )
+from stackwise.training.consolidation import consolidate, set_trunk_recompute
 from stackwise.training.distributed import DistributedTrainerMixin
+from stackwise.training.growth import init_new_stack, stage_steps_share
 from stackwise.training.loop import unit_record
 from stackwise.training.optim import build_optimizer, clip_gradients, lr_lambda
 from stackwise.training.rack_builder import ProgressiveRackBuilder
@@ -202,8 +204,14 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
                 stopped = "max_steps"
                 break
             rack_builder.add_stack(precision=self._trunk_precision())
+            new_idx = rack_builder.n_stacks - 1 if rack_builder.building_mode == "append" else 0
+            init_new_stack(rack_builder, new_idx, self.progressive.new_stack_init)
             rack.to(self.device)
             self._run_stage(rack_builder, dataloader, stage, plan, eval_loader, steps, n_batches)
+        cons = self.progressive.consolidation_steps
+        if cons and stopped is None and not any(h.get("phase") for h in self.history):
+            args = (dataloader, eval_loader, cons, plan)
+            self.history.append(consolidate(self, rack_builder, *args))
         return {
             "history": self.history,
             "final": self.history[-1] if self.history else {},
@@ -244,11 +252,13 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
         planned stages, else ``epochs_per_stack`` passes; never beyond what ``max_steps``
         leaves."""
         p, max_steps = self.progressive, self.training.max_steps
+        if max_steps:  # the consolidation phase takes its steps from the same budget
+            max_steps -= p.consolidation_steps
         accum = self.training.optimizer.grad_accumulation
         if p.steps_per_stack:
             steps = p.steps_per_stack
         elif max_steps:
-            steps = max(1, max_steps * (stage + 1) // plan - max_steps * stage // plan)
+            steps = stage_steps_share(max_steps, plan, stage, p.stage_budget)
         else:
             steps = math.ceil(p.epochs_per_stack * n_batches / accum)
         if max_steps:
@@ -318,6 +328,7 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
         qlora = prog.trunk_strategy == "qlora"
         first = stage == 0
         groups = self._stage_groups(builder, stage, target, new_idx)
+        set_trunk_recompute(rack, {new_idx}, prog.trunk_checkpointing)
         groups = self._wrap_stage(rack, groups)  # DDP / FSDP in a data-parallel run
         ratio = self.stage_ratio(stage, target)
         accum = cfg.optimizer.grad_accumulation
