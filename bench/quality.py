@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--budgets", nargs="+", default=["tokens", "time"], choices=("tokens", "time"))
     p.add_argument("--shallow-depth", default="2", help="blocks of e2e_shallow, or 'auto'")
-    p.add_argument("--eval-batches", type=int, default=20, help="held-out batches of 16 x 128")
+    p.add_argument("--eval-batches", type=int, default=16, help="held-out batches of 16 x 128")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
     p.add_argument("--json", default="bench/results/quality.json")
     p.add_argument("--plot", default="docs/quality.png")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shallow end-to-end depth with the memory of one stage: {shallow} blocks")
     else:
         shallow = int(args.shallow_depth)
-    every = args.eval_every or max(1, args.steps // 16)
+    every = args.eval_every or max(1, args.steps // 8)
     rows: list[dict] = []
     t0 = time.time()
     for arm in args.arms:
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             scale = ref["train_s"] / r["train_s"]
             steps = max(4, int(round(args.steps * scale)))
-            t = _spawn(r["arm"], steps, args, shallow, max(1, steps // 16))
+            t = _spawn(r["arm"], steps, args, shallow, max(1, steps // 8))
             t["budget"] = "time"
             t["time_scale"] = scale
             rows.append(t)

@@ -343,7 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--run-dir", metavar="DIR", required=True)
     gen.add_argument("--prompt", required=True, metavar="TEXT")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
+    gen.add_argument(
+        "--max-new-tokens",
+        type=_new_tokens,
+        default=64,
+        metavar="N",
+        help="tokens to generate, at most 65536 per call",
+    )
     gen.add_argument(
         "--temperature", type=_non_negative_float, default=0.8, metavar="T", help="0: greedy"
     )
@@ -432,6 +438,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _new_tokens(text: str) -> int:
+    """--max-new-tokens, checked against the documented bound before the run is loaded."""
+    from stackwise.run.generate import MAX_NEW_TOKENS
+
+    value = _positive_int(text)
+    if value > MAX_NEW_TOKENS:
+        raise argparse.ArgumentTypeError(
+            f"{value} exceeds the limit of {MAX_NEW_TOKENS} tokens per call"
+        )
     return value
 
 
