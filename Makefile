@@ -4,7 +4,9 @@
 #
 #   make test       CPU build + C++ and Python tests (what CI runs)
 #   make train      the same setup, then a progressive training run (configs/shakespeare-tiny.yaml)
-#   make gpu-test   offline GPU machine: system Python, no installs, CUDA tests and GPU benchmarks
+#   make gpu-check  offline GPU machine, under 10 minutes: CUDA build, CUDA tests only, GPU
+#                   benchmarks, 50 steps of every config, memory in depth; one JSON report
+#   make gpu-test   offline GPU machine: system Python, no installs, every test and GPU benchmarks
 #   make bench      CPU benchmarks (bench/*.py), tables on stdout, JSON in bench/results/
 #   make lint       ruff
 #   make clean      remove build outputs (keeps .venv)
@@ -18,7 +20,7 @@ GPU_BUILD_DIR ?= build/gpu
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 
-.PHONY: test train build venv sysdeps gpu-test bench lint clean info
+.PHONY: test train build venv sysdeps gpu-check gpu-test bench lint clean info
 
 test: build
 	@echo "== build info"
@@ -61,6 +63,13 @@ build: venv sysdeps
 
 info: build
 	$(VPY) -m stackwise.info
+
+# The GPU check (bench/gpu_check.py): build with every core, the C++ tests, the CUDA tests only
+# (pytest -k cuda), bench/gpu_report.py, 50 steps of every configs/*.yaml on the GPU, and
+# bench/gpu_memory.py (progressive vs end-to-end peak memory at 2-16 blocks against the
+# planner). Writes bench/results/gpu/check.json and prints a one-screen summary.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --json bench/results/gpu/check.json
 
 # The GPU machine has no network: torch, cmake, ninja, pybind11 and pytest are preinstalled for
 # its system Python. CUDA must build there (STACKWISE_BUILD_CUDA=1); every test runs, the CUDA

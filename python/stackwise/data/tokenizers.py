@@ -134,12 +134,20 @@ class HFTokenizer:
                 raise ConfigurationError(
                     f"{p} holds neither tokenizer.json nor vocab.txt", "data.tokenizer"
                 )
-        if p.name.endswith(".json"):
-            self._tok = Tokenizer.from_file(str(p))
-        else:
-            from tokenizers.implementations import BertWordPieceTokenizer
+        try:
+            if p.name.endswith(".json"):
+                self._tok = Tokenizer.from_file(str(p))
+            else:
+                from tokenizers.implementations import BertWordPieceTokenizer
 
-            self._tok = BertWordPieceTokenizer(str(p), lowercase=True)
+                self._tok = BertWordPieceTokenizer(str(p), lowercase=True)
+        except Exception as exc:  # the library raises plain Exceptions with its parser's text
+            what = "tokenizer.json" if p.name.endswith(".json") else "WordPiece vocab.txt"
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigurationError(
+                f"{p} is not a {what} the tokenizers library can read ({detail})",
+                "data.tokenizer",
+            ) from None
         self.name = str(p)
         self._init_ids()
 

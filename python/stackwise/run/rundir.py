@@ -113,6 +113,11 @@ class RunDirectory:
             raise ConfigurationError("--resume and --overwrite exclude each other")
         if self.root.exists() and not self.root.is_dir():
             raise ConfigurationError(f"{self.root} exists and is not a folder", "--run-dir")
+        blocker = next((p for p in self.root.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigurationError(
+                f"cannot create {self.root}: {blocker} is a file, not a folder", "--run-dir"
+            )
         if resume:
             if not self.is_run():
                 raise ConfigurationError(

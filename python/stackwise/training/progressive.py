@@ -56,6 +56,7 @@ from stackwise.training.batches import (
     check_loader,
     loader_generator,
 )
+from stackwise.training.consolidation import consolidate, set_trunk_recompute
 from stackwise.training.distributed import DistributedTrainerMixin
 from stackwise.training.growth import init_new_stack, stage_steps_share
 from stackwise.training.loop import unit_record
@@ -207,6 +208,10 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
             init_new_stack(rack_builder, new_idx, self.progressive.new_stack_init)
             rack.to(self.device)
             self._run_stage(rack_builder, dataloader, stage, plan, eval_loader, steps, n_batches)
+        cons = self.progressive.consolidation_steps
+        if cons and stopped is None and not any(h.get("phase") for h in self.history):
+            args = (dataloader, eval_loader, cons, plan)
+            self.history.append(consolidate(self, rack_builder, *args))
         return {
             "history": self.history,
             "final": self.history[-1] if self.history else {},
@@ -247,6 +252,8 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
         planned stages, else ``epochs_per_stack`` passes; never beyond what ``max_steps``
         leaves."""
         p, max_steps = self.progressive, self.training.max_steps
+        if max_steps:  # the consolidation phase takes its steps from the same budget
+            max_steps -= p.consolidation_steps
         accum = self.training.optimizer.grad_accumulation
         if p.steps_per_stack:
             steps = p.steps_per_stack
@@ -321,6 +328,7 @@ class ProgressiveTrainer(DistributedTrainerMixin, StageStepsMixin):
         qlora = prog.trunk_strategy == "qlora"
         first = stage == 0
         groups = self._stage_groups(builder, stage, target, new_idx)
+        set_trunk_recompute(rack, {new_idx}, prog.trunk_checkpointing)
         groups = self._wrap_stage(rack, groups)  # DDP / FSDP in a data-parallel run
         ratio = self.stage_ratio(stage, target)
         accum = cfg.optimizer.grad_accumulation
