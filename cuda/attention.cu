@@ -449,6 +449,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const std::optional<at::Tensor>& key_padding_mask, bool causal, std::optional<double> scale) {
   constexpr const char* op = "attention_forward";
   check_attention_inputs(q_in, k_in, v_in, key_padding_mask, op);
+  check_attention_scale(scale, op);
   check_device_type(q_in, at::kCUDA, op, "q");
   check_cuda_support(q_in, v_in, op);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -492,6 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const std::optional<at::Tensor>& key_padding_mask, bool causal, std::optional<double> scale) {
   constexpr const char* op = "attention_backward";
   check_attention_inputs(q_in, k_in, v_in, key_padding_mask, op);
+  check_attention_scale(scale, op);
   check_attention_saved(grad_out, out, lse, q_in, v_in, op);
   check_device_type(q_in, at::kCUDA, op, "q");
   check_cuda_support(q_in, v_in, op);
