@@ -114,7 +114,7 @@ def junit_counts(path: Path) -> dict:
 
 def train_part(py: str, config: Path) -> dict:
     from stackwise.config.base import StackWiseConfig
-    from stackwise.run.plan import GiB, plan_memory
+    from stackwise.run.plan import GiB, plan_run
 
     init, missing = init_from_override(config.stem)
     if missing:
@@ -140,7 +140,7 @@ def train_part(py: str, config: Path) -> dict:
             peak_gib=peak / GiB if peak else None,
         )
     try:
-        plan = plan_memory(StackWiseConfig.from_yaml(config, overrides=overrides).validate())
+        plan = plan_run(StackWiseConfig.from_yaml(config, overrides=overrides).validate())
         rec["planned_gib"] = max(st.total for st in plan.stages) / GiB
     except Exception as exc:  # the planner's failure is a finding, not the end of the check
         rec["planned_error"] = f"{type(exc).__name__}: {exc}"
