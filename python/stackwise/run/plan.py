@@ -115,10 +115,13 @@ class MemoryPlan:
         return format_plan(self)
 
 
-def compute_dtype_name(training, device_type: str = "cuda") -> str:
-    """The precision the forward pass computes in on ``device_type``: ``training.autocast:
-    true`` is bf16, else ``training.dtype`` (fp32, bf16 or fp16; ``auto`` is bf16 on CUDA and
-    fp32 elsewhere)."""
+def compute_dtype_name(training, device_type: str | None = None) -> str:
+    """The precision the forward pass computes in on ``device_type`` (default: the run's,
+    ``training.device``, with ``auto`` taken as the accelerator the plan is for):
+    ``training.autocast: true`` is bf16, else ``training.dtype`` (fp32, bf16 or fp16; ``auto``
+    is bf16 on CUDA and fp32 on the CPU)."""
+    if device_type is None:
+        device_type = "cpu" if training.device == "cpu" else "cuda"
     if training.dtype == "auto":
         name = "bf16" if device_type == "cuda" else "fp32"
     else:

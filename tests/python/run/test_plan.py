@@ -30,6 +30,7 @@ def _config(training=None, **model):
             "training": {
                 "batch_size": 4,
                 "seq_len": 48,
+                "device": "cpu",  # the plan's compute dtype is the CPU run's
                 "max_steps": 0,
                 "qlora_enabled": False,
                 "time_step_masking": False,
