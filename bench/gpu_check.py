@@ -71,8 +71,15 @@ def init_from_override(stem: str) -> tuple[list[str], str | None]:
     return [f"training.init_from={files[0]}"], None
 
 
-def run(name: str, cmd: list[str], timeout: float, env: dict | None = None) -> dict:
-    """Run ``cmd`` in the repository root; the part's record (status, seconds, output tail)."""
+def _text(data: str | bytes | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def run(
+    name: str, cmd: list[str], timeout: float, env: dict | None = None, keep_stdout: bool = False
+) -> dict:
+    """Run ``cmd`` in the repository root; the part's record (status, seconds, output tail, and
+    the whole standard output with ``keep_stdout``)."""
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     try:
@@ -84,16 +91,14 @@ def run(name: str, cmd: list[str], timeout: float, env: dict | None = None) -> d
             text=True,
             timeout=timeout,
         )
-        status, out = (
-            ("ok" if res.returncode == 0 else f"failed (exit {res.returncode})"),
-            (res.stdout + res.stderr),
-        )
+        status = "ok" if res.returncode == 0 else f"failed (exit {res.returncode})"
+        stdout, out = res.stdout, res.stdout + res.stderr
     except subprocess.TimeoutExpired as exc:
         status = f"timed out after {timeout:.0f} s"
-        out = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(
-            errors="replace"
-        )
+        stdout, out = _text(exc.stdout), _text(exc.stdout) + _text(exc.stderr)
     rec = {"status": status, "seconds": round(time.perf_counter() - t0, 1), "tail": out[-4000:]}
+    if keep_stdout:
+        rec["stdout"] = stdout
     print(f"   {status} in {rec['seconds']} s", flush=True)
     return rec
 
@@ -114,7 +119,7 @@ def junit_counts(path: Path) -> dict:
 
 def train_part(py: str, config: Path) -> dict:
     from stackwise.config.base import StackWiseConfig
-    from stackwise.run.plan import GiB, plan_memory
+    from stackwise.run.plan import GiB, plan_run
 
     init, missing = init_from_override(config.stem)
     if missing:
@@ -140,7 +145,7 @@ def train_part(py: str, config: Path) -> dict:
             peak_gib=peak / GiB if peak else None,
         )
     try:
-        plan = plan_memory(StackWiseConfig.from_yaml(config, overrides=overrides).validate())
+        plan = plan_run(StackWiseConfig.from_yaml(config, overrides=overrides).validate())
         rec["planned_gib"] = max(st.total for st in plan.stages) / GiB
     except Exception as exc:  # the planner's failure is a finding, not the end of the check
         rec["planned_error"] = f"{type(exc).__name__}: {exc}"
@@ -212,13 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index"]
         p["build"] = run("build", [*cmd, "-e", "."], 420, env)
     if "info" in parts:
-        p["info"] = run("info", [py, "-m", "stackwise.info", "--json"], 120)
+        p["info"] = run("info", [py, "-m", "stackwise.info", "--json"], 120, keep_stdout=True)
         try:
-            info = json.loads(p["info"]["tail"][p["info"]["tail"].index("{") :])
+            info = json.loads(p["info"].pop("stdout"))
             report["info"] = info
             report["device"] = ", ".join(g.get("name", "?") for g in info.get("gpus", [])) or "?"
-        except (ValueError, AttributeError):
-            pass
+        except (ValueError, AttributeError, KeyError):
+            pass  # the part's status and tail say what went wrong
     if "ctest" in parts:
         ctest = (
             "import cmake, os, sys; "
