@@ -26,6 +26,7 @@ def test_train_overrides_make_valid_configs(path):
         "training.device=cpu",  # validation refuses cuda without a GPU; the rest is the check's
         "training.checkpointing.enabled=false",
         *gpu_check.TRAIN_OVERRIDES.get(path.stem, []),
+        *gpu_check.init_from_override(path.stem)[0],  # ([], reason) when the model is missing
     ]
     config = StackWiseConfig.from_yaml(path, overrides=overrides).validate()
     assert config.training.max_steps == gpu_check.STEPS
@@ -64,3 +65,10 @@ def test_summary_names_failures_and_memory_rows():
     assert "40 tests, 1 failed, 2 skipped" in text
     assert "! pytest_cuda: FAILED tests/python/ops/test_attention.py::test_x - boom" in text
     assert "3.25 /     2.98" in text and "error /     4.98" in text
+
+
+def test_a_missing_pretrained_model_is_a_skip_with_its_reason(monkeypatch):
+    monkeypatch.setitem(gpu_check.INIT_FROM_PACKAGES, "grow-x", "no_such_package_here")
+    overrides, why = gpu_check.init_from_override("grow-x")
+    assert overrides == [] and "no_such_package_here" in why
+    assert gpu_check.init_from_override("shakespeare-tiny") == ([], None)
