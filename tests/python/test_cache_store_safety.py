@@ -5,10 +5,11 @@ fails with ENOSPC)."""
 
 from __future__ import annotations
 
-import contextlib
-import resource
-import signal
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from stackwise.exceptions import CacheCorruptionError
 from stackwise.training.strategies.caching import CacheManager
 
 ActivationCacheStore = stackwise._C.ActivationCacheStore
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _value(key: int, round_: int) -> torch.Tensor:
@@ -147,31 +149,44 @@ def test_spill_file_of_another_store_is_refused(tmp_path):
         a.get(0, 0)
 
 
-@contextlib.contextmanager
-def _disk_full(limit_bytes: int = 64):
-    """Writes of more than `limit_bytes` to any file fail while inside."""
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, old[1]))
+# Run in a process of its own: the lowered file-size limit would also fail pytest's own writes
+# to its capture files.
+_FULL_DISK = textwrap.dedent(
+    """
+    import resource, signal, sys, torch
+    sys.path.insert(0, {python!r})
+    from stackwise.training.strategies.caching import CacheManager
+
+    def value(i):
+        return torch.full((16, 16), float(i))
+
+    cm = CacheManager(cache_mode="layerwise", max_cache_size=2, spill_dir={dir!r})
+    for i in range(3):
+        cm.store_activations(0, value(i))  # batch 0 spills
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))  # no spill file fits: a full disk
     try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, old_handler)
+        cm.store_activations(0, value(3))  # needs a spill: the write fails
+        raise SystemExit("the put succeeded")
+    except OSError as e:
+        print("put refused:", e)
+    assert cm.batch_ids(0) == [0, 1, 2], cm.batch_ids(0)  # the failed batch is not listed ...
+    assert not cm._store.contains(0, 3)  # ... and not stored
+    for i in range(3):  # the spilled batch reads back although nothing can be written
+        assert torch.equal(cm.get_activations(0, i), value(i)), i
+    assert cm.memory_stats()["write_errors"] >= 1
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert cm.store_activations(0, value(3)) == 3  # room on disk again: the id is reused
+    assert torch.equal(cm.get_activations(0, 3), value(3))
+    cm.close()
+    print("OK")
+    """
+)
 
 
 def test_full_disk_put_stores_nothing_and_reads_still_work(tmp_path):
-    cm = CacheManager(cache_mode="layerwise", max_cache_size=2, spill_dir=tmp_path)
-    for i in range(3):
-        cm.store_activations(0, _value(0, i))  # batch 0 spills
-    with _disk_full():
-        with pytest.raises(OSError):
-            cm.store_activations(0, _value(0, 3))  # needs a spill: the write fails
-        assert cm.batch_ids(0) == [0, 1, 2]  # the failed batch is not listed ...
-        assert not cm._store.contains(0, 3)  # ... and not stored
-        for i in range(3):  # the spilled batch reads back although nothing can be written
-            assert torch.equal(cm.get_activations(0, i), _value(0, i))
-        assert cm.memory_stats()["write_errors"] >= 1
-    assert cm.store_activations(0, _value(0, 3)) == 3  # room on disk again: the id is reused
-    assert torch.equal(cm.get_activations(0, 3), _value(0, 3))
-    cm.close()
+    code = _FULL_DISK.format(python=str(REPO / "python"), dir=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-3000:]
+    assert "put refused:" in r.stdout

@@ -10,6 +10,8 @@ fixed order (the same result run to run, whatever the thread count).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -82,6 +84,9 @@ def _check_inputs(op: str, x: Tensor, weight: Tensor) -> None:
 @torch.library.register_fake("stackwise::rms_norm")
 def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     _check_inputs("rms_norm", x, weight)
+    torch._check_value(
+        math.isfinite(eps) and eps >= 0, lambda: f"rms_norm: eps must be finite and >= 0, got {eps}"
+    )
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     return out, x.new_empty(x.shape[:-1], dtype=_acc_dtype(x))
 

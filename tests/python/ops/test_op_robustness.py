@@ -184,6 +184,7 @@ def _fake_and_real(op, *args):
 
 _U8, _F32 = torch.uint8, torch.float32
 _REJECTED = [
+    ("rms_norm eps nan", OPS.rms_norm, (torch.randn(2, 4), torch.ones(4), math.nan)),
     ("quantize_nf4 block 0", OPS.quantize_nf4, (torch.randn(64), 0)),
     ("quantize_nf4 block 48", OPS.quantize_nf4, (torch.randn(96), 48)),
     ("quantize_nf4 int x", OPS.quantize_nf4, (torch.ones(64, dtype=torch.int32), 64)),
