@@ -131,9 +131,7 @@ def _trainer_and_builder(run: RunDirectory, config, tok, resume: bool):
     ids = _tokenizer_ids(tok)
     if resume and (run.checkpoints / "latest").is_file():
         trainer, builder = ProgressiveTrainer.resume(str(run.checkpoints), config)
-        trainer.mask_token_id = ids.get("mask", trainer.mask_token_id)
-        trainer.pad_token_id = ids.get("pad")
-        trainer.special_ids = tuple(ids.values())
+        trainer.set_tokenizer_ids(ids)
     else:
         torch.manual_seed(config.training.seed)
         prog = config.training.progressive
