@@ -143,6 +143,15 @@ class TrainLoop:
 
         return loss
 
+    @staticmethod
+    def _train_mode(unit: Unit) -> None:
+        """Train mode, except for modules with nothing to train: a frozen module is a fixed
+        function (no dropout), whether its output is cached or recomputed every step."""
+        unit.model.train()
+        for m in unit.modules_of(unit.model):
+            if not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+
     def evaluate(self, unit: Unit, eval_loader, max_batches: int = 50) -> float:
         self.parallel.sync_weights()
         modules = unit.modules_of(unit.model)
@@ -241,7 +250,7 @@ class TrainLoop:
         )
         eval_every = cfg.eval_every if eval_loader is not None else 0
         every = cfg.checkpointing.every_steps if checkpoint is not None else 0
-        unit.model.train()
+        self._train_mode(unit)
         losses = list(progress.losses) if progress else []
         step_times = [t / 1e3 for t in progress.step_ms] if progress else []
         tokens = int(progress.tokens) if progress else 0
@@ -328,7 +337,7 @@ class TrainLoop:
             )
             if eval_every and step % eval_every == 0 and step < steps:
                 eval_loss = self.evaluate(unit, eval_loader)
-                unit.model.train()
+                self._train_mode(unit)
                 self.emit(
                     "on_eval",
                     {

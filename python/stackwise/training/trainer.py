@@ -133,13 +133,16 @@ class SegmentTrainer:
         ratio: float = 0.0,
         cache_prefix: bool = True,
         info: dict[str, Any] | None = None,
+        eval_loader=None,
     ) -> dict[str, Any]:
         """Train ``modules[start:end]`` (a list of the model's blocks, or groups of them) and
         whatever else ``groups`` holds for ``steps`` optimizer steps (default:
         ``training.max_steps``, or one pass over the loader when that is 0). The prefix
         ``modules[:start]`` is read from the activation cache when nothing in it (embeddings
         included) trains and ``cache_prefix``; else it runs every step. ``label`` names the unit
-        in errors. Returns the record appended to :attr:`history`."""
+        in errors; ``eval_loader``: evaluate the whole model on it every
+        ``training.eval_every`` steps and at the end. Returns the record appended to
+        :attr:`history`."""
         has_time = getattr(model, "time_embedding", None) is not None
         if has_time != self.step.input_time:
             raise TrainingError(
@@ -183,7 +186,7 @@ class SegmentTrainer:
             cached=cache_prefix and start > 0 and frozen_prefix,
             identity={"label": label, **(info or {})},
         )
-        record = self.loop.run(unit, dataloader, n_batches)
+        record = self.loop.run(unit, dataloader, n_batches, eval_loader=eval_loader)
         self.history.append(record)
         return record
 
@@ -210,6 +213,7 @@ class Trainer(SegmentTrainer):
         cache_activations: bool | None = None,
     ) -> None:
         super().__init__(config, tokenizer_ids, callbacks)
+        self._tokenizer_ids = tokenizer_ids
         self.mode = canonical_mode(config.training.mode)
         self.cache_activations = (
             config.training.progressive.cache_activations
@@ -279,8 +283,15 @@ class Trainer(SegmentTrainer):
             return [("rack", 0, 0, n)]
         raise ConfigurationError("'fused' has no hierarchical units", "training.mode")
 
+    def n_units(self) -> int:
+        """How many units :meth:`train` trains in ``training.mode``."""
+        if self.mode == "fused":
+            n = len(flat_blocks(self.rack))
+            return -(-n // self.training.block_size)
+        return len(self.units())
+
     def _train_range(
-        self, kind: str, index: int, start: int, end: int, dataloader, steps
+        self, kind: str, index: int, start: int, end: int, dataloader, steps, eval_loader=None
     ) -> dict[str, Any]:
         rack = self.rack.to(self.device)
         blocks = flat_blocks(rack)
@@ -314,6 +325,7 @@ class Trainer(SegmentTrainer):
             label=label,
             ratio=ratio,
             cache_prefix=self.cache_activations,
+            eval_loader=eval_loader,
             info={
                 "mode": self.mode,
                 "unit": kind,
@@ -354,7 +366,9 @@ class Trainer(SegmentTrainer):
         n = len(flat_blocks(self.rack))
         return self._train_range("rack", 0, 0, n, dataloader, max_steps)
 
-    def train(self, rack=None, dataloader=None, max_steps: int | None = None) -> dict[str, Any]:
+    def train(
+        self, rack=None, dataloader=None, max_steps: int | None = None, eval_loader=None
+    ) -> dict[str, Any]:
         """Train every unit of ``training.mode`` in order. ``rack`` is a Rack, a config (whose
         model is built) or None (the trainer's rack). ``max_steps`` is per unit; by default
         ``training.max_steps`` is split evenly over the units. Returns ``history`` (one record
@@ -372,9 +386,14 @@ class Trainer(SegmentTrainer):
             from stackwise.training.core.fusion_trainer import FusionTrainer
 
             fusion = FusionTrainer(
-                self.config, model=self.rack, dataloader=dataloader, steps_per_block=max_steps
+                self.config,
+                model=self.rack,
+                dataloader=dataloader,
+                steps_per_block=max_steps,
+                tokenizer_ids=self._tokenizer_ids,
+                callbacks=self.callbacks,
             )
-            out = fusion.train()
+            out = fusion.train(eval_loader=eval_loader)
             self.history.extend(fusion.history)
             return {**out, "rack": self.rack}
         units = self.units()
@@ -383,7 +402,7 @@ class Trainer(SegmentTrainer):
             steps = max(1, self.training.max_steps // len(units))
         if steps is None and count_batches(dataloader) == 0:
             raise TrainingError("train: the dataloader yielded no batches")
-        records = [self._train_range(*u, dataloader, steps) for u in units]
+        records = [self._train_range(*u, dataloader, steps, eval_loader) for u in units]
         return {"history": records, "final": records[-1], "rack": self.rack}
 
 

@@ -335,7 +335,7 @@ class FusionTrainer(SegmentTrainer):
             self.dataloader = create_data_loaders(self.config)[0]
         return self.dataloader
 
-    def _train_blocks(self, dataloader, trainable: bool) -> dict[str, Any]:
+    def _train_blocks(self, dataloader, trainable: bool, eval_loader=None) -> dict[str, Any]:
         loader = self._loader(dataloader)
         model = self.model.to(self.device)
         n = len(self.blocks)
@@ -363,10 +363,13 @@ class FusionTrainer(SegmentTrainer):
                     label=f"fusion block {i}",
                     ratio=self.unit_ratio(i + 1, n),
                     cache_prefix=self.cache_activations,
+                    eval_loader=eval_loader,
                     info={
                         "fusion_mode": "trainable" if trainable else "frozen",
+                        "index": i,
                         "block_index": i,
                         "n_blocks": n,
+                        "mask_ratio": self.unit_ratio(i + 1, n),
                         "backbone_precision": self.backbone_precision,
                     },
                 )
@@ -390,9 +393,10 @@ class FusionTrainer(SegmentTrainer):
         with it (``fusion_mode="trainable"``); returns as :meth:`train_with_frozen_backbone`."""
         return self._train_blocks(dataloader, trainable=True)
 
-    def train(self, dataloader=None) -> dict[str, Any]:
-        """Train following ``training.fusion_mode``."""
-        return self._train_blocks(dataloader, trainable=self.fusion_mode == "trainable")
+    def train(self, dataloader=None, eval_loader=None) -> dict[str, Any]:
+        """Train following ``training.fusion_mode`` (``eval_loader``: evaluate the whole model
+        on it during and after each block)."""
+        return self._train_blocks(dataloader, self.fusion_mode == "trainable", eval_loader)
 
     def train_with_custom_model(self, layers, dataloader=None) -> dict[str, Any]:
         """Wrap a user's list of layers (MLGKALayers of ``model.d_model``) into a rack with the
