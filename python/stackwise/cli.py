@@ -4,6 +4,7 @@
     stackwise eval --run-dir DIR [--split val|train]
     stackwise generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
                        [--top-k K] [--top-p P] [--seed S] [--sampler ar|depth|diffusion]
+    stackwise export --run-dir DIR --format hf OUT [--adapters merge|peft] [--dtype D]
     stackwise bench op [NAME ...] | e2e [ARGS ...]
     stackwise info [--json]
     stackwise config show|validate FILE [key=value ...]
@@ -102,6 +103,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     from stackwise.run.evaluate import evaluate_run, load_run
 
     run = load_run(args.run_dir, device=args.device)
+    _print_notes(run.notes)
     result = evaluate_run(run, args.split, max_batches=args.max_batches)
     atomic_write_text(run.run_dir.root / f"eval-{args.split}.json", json.dumps(result, indent=2))
     if args.json:
@@ -110,7 +112,13 @@ def _eval_command(args: argparse.Namespace) -> int:
     print(f"{args.split} split of {run.run_dir.root}: {result['tokens']:,} tokens")
     print(f"  loss              {result['loss']:.4f} nats/token")
     print(f"  perplexity        {result['perplexity']:.2f}")
-    print(f"  bits per byte     {result['bits_per_byte']:.4f}")
+    if result["bits_per_byte"] is not None:
+        print(
+            f"  bits per byte     {result['bits_per_byte']:.4f} "
+            f"({result['bits_per_byte_quantity']})"
+        )
+    else:
+        print("  bits per byte     not reported (the masked-token loss of mlm is no likelihood)")
     if result["masked_accuracy"] is not None:
         print(
             f"  masked accuracy   {100 * result['masked_accuracy']:.2f}% "
@@ -120,11 +128,33 @@ def _eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from stackwise.model.hf_export import export_hf
+    from stackwise.run.evaluate import load_run
+
+    run = load_run(args.run_dir, device="cpu")
+    _print_notes(run.notes)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    out = export_hf(run.rack, args.out, run.tokenizer, args.adapters, dtype[args.dtype])
+    print(f"wrote a Hugging Face Llama folder to {out}")
+    if args.adapters == "peft":
+        print(f"  LoRA adapters (PEFT layout) in {out / 'adapter'}")
+    return 0
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"stackwise: note: {note}", file=sys.stderr)
+
+
 def _generate_command(args: argparse.Namespace) -> int:
     from stackwise.run import generate as g
     from stackwise.run.evaluate import load_run
 
     run = load_run(args.run_dir, device=args.device)
+    _print_notes(run.notes)
     tok = run.tokenizer
     sampler = args.sampler or ("depth" if run.masked else "ar")
     if run.masked and sampler == "ar":
@@ -314,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the run's device")
     gen.add_argument("--json", action="store_true", help="print ids and text as JSON")
     gen.set_defaults(func=_generate_command)
+
+    export = sub.add_parser(
+        "export",
+        help="write a trained run as a Hugging Face model folder",
+        description="Write the run's final rack as a transformers LlamaForCausalLM folder "
+        "(config.json, model.safetensors, tokenizer.json). LoRA adapters are merged into the "
+        "weights, or with --adapters peft written in PEFT's layout to OUT/adapter.",
+    )
+    export.add_argument("--run-dir", metavar="DIR", required=True)
+    export.add_argument("--format", choices=["hf"], required=True, help="hf: Hugging Face")
+    export.add_argument("out", metavar="OUT", help="output folder")
+    export.add_argument("--adapters", choices=["merge", "peft"], default="merge")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    export.set_defaults(func=_export_command)
 
     bench = sub.add_parser(
         "bench",

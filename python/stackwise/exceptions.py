@@ -26,6 +26,11 @@ class ModelError(StackWiseError):
     """The model is inconsistent: shapes, layer wiring, weights that do not fit."""
 
 
+class RackLayoutError(ModelError):
+    """Saved weights hold stacks a plain rack cannot take (converted to int8 / nf4 / fp8 or
+    carrying adapters): such a rack is rebuilt from its training checkpoint instead."""
+
+
 class TrainingError(StackWiseError):
     """Training cannot go on: divergence, a stage out of order, a checkpoint that does not match."""
 

@@ -43,6 +43,27 @@ def yaml_dump(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
+def choice(default: str, allowed: tuple[str, ...]) -> Any:
+    """A dataclass field whose value must be one of ``allowed``: the one place a key's allowed
+    values are written (validation and the configuration reference read them from here)."""
+    if default not in allowed:
+        raise ValueError(f"default {default!r} is not one of {allowed}")
+    return dataclasses.field(default=default, metadata={"choices": tuple(allowed)})
+
+
+def field_choices(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """The allowed values declared on a field by :func:`choice`, or None."""
+    return f.metadata.get("choices")
+
+
+def config_choices(cls: type, name: str) -> tuple[str, ...]:
+    """The allowed values of field ``name`` of the config dataclass ``cls``."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and field_choices(f) is not None:
+            return field_choices(f)
+    raise KeyError(f"{cls.__name__}.{name} declares no allowed values")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 

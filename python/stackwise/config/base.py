@@ -7,8 +7,9 @@
 
 Sections mirror the YAML layout of the original StackWise project (``model.architecture``,
 ``model.attention_preset`` / ``attention_custom``, ``model.tokenizer_embedding``,
-``training.progressive``, ``training.qlora``, ``training.optimizer``), so those files load as
-they are. Validation rules live in :mod:`stackwise.config.validation`.
+``training.progressive``, ``training.qlora``, ``training.optimizer``); the keys that project
+named differently are read through :mod:`stackwise.config.legacy`, with a warning naming the key
+to use. Validation rules live in :mod:`stackwise.config.validation`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stackwise import precision
 from stackwise._io import atomic_write_text
 from stackwise.config import _schema
+from stackwise.config._schema import choice
+from stackwise.config.legacy import ATTENTION_PRESETS, translate_original_layout
+from stackwise.config.validation import validate_config
 from stackwise.exceptions import (  # noqa: F401  (re-exported with the configuration)
     ConfigurationError,
     ModelError,
@@ -58,7 +63,7 @@ class KernelAttentionConfig:
     """Feature map of kernel (linear) attention: elu, relu, gaussian, softmax (FAVOR+),
     laplacian; ``kernel_dim`` features per head, random projections seeded by ``seed``."""
 
-    kernel_type: str = "elu"
+    kernel_type: str = choice("elu", ("elu", "relu", "gaussian", "softmax", "laplacian"))
     kernel_dim: int = 64
     seed: int = 0
 
@@ -73,8 +78,8 @@ class TokenizerEmbeddingConfig:
     trainable projection).
     """
 
-    family: str = "gpt2"
-    embedding_option: str = "learned"
+    family: str = choice("gpt2", ("gpt2", "bert", "llama", "custom"))
+    embedding_option: str = choice("learned", ("learned", "embed_tokens"))
     freeze_embeddings: bool = False
     path: str | None = None
     embedding_dim: int | None = None
@@ -90,8 +95,8 @@ class ModelConfig:
     n_heads: int = 12
     n_kv_heads: int = 12
     d_ff: int = 3072
-    attention_type: str = "standard"
-    attention_mode: str = "causal"
+    attention_type: str = choice("standard", ("standard", "mha", "gqa", "mla", "kernel", "mlgka"))
+    attention_mode: str = choice("causal", ("causal", "bidirectional"))
     use_rope: bool = False
     tie_embeddings: bool = True
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
@@ -101,15 +106,19 @@ class ModelConfig:
     kernel: KernelAttentionConfig = field(default_factory=KernelAttentionConfig)
     rope_theta: float = 10000.0
     max_seq_len: int = 1024
-    norm: str = "rmsnorm"
+    norm: str = choice("rmsnorm", ("rmsnorm", "layernorm"))
     norm_eps: float = 1e-6
     dropout: float = 0.0
     freeze_up_proj: bool = False
     tokenizer_embedding: TokenizerEmbeddingConfig = field(default_factory=TokenizerEmbeddingConfig)
+    # Width of one attention head; None means d_model / n_heads. Llama-family models such as
+    # those with head_dim != hidden_size / num_attention_heads set it explicitly.
+    head_dim: int | None = None
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def attention_head_dim(self) -> int:
+        """The width of one attention head (``head_dim`` or d_model / n_heads)."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -117,13 +126,13 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: str = choice("adamw", ("adamw", "adam", "sgd"))
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.01
     momentum: float = 0.9
     warmup_steps: int = 0
-    schedule: str = "cosine"
+    schedule: str = choice("cosine", ("cosine", "linear", "constant"))
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     grad_accumulation: int = 1
@@ -132,15 +141,17 @@ class OptimizerConfig:
 @dataclass
 class ProgressiveConfig:
     enabled: bool = True
-    building_mode: str = "append"
+    building_mode: str = choice("append", ("append", "prepend"))
     target_stacks: int = 2
-    trunk_strategy: str = "frozen"
-    new_stack_precision: str = "full"
+    trunk_strategy: str = choice("frozen", ("frozen", "qlora"))
+    new_stack_precision: str = choice("full", precision.spellings(precision.FLOAT))
     cache_activations: bool = True
-    time_interpretation: str = "depth"
-    training_objective: str = "clm"
+    time_interpretation: str = choice("depth", ("depth", "input"))
+    training_objective: str = choice("clm", ("clm", "mlm", "diffusion"))
     epochs_per_stack: int = 1
     steps_per_stack: int | None = None
+    new_stack_init: str = choice("auto", ("auto", "random", "identity", "copy"))
+    stage_budget: str = choice("uniform", ("uniform", "front_loaded", "back_loaded"))
 
 
 @dataclass
@@ -165,17 +176,17 @@ class QLoRAConfig:
 class MaskingConfig:
     min_fraction: float = 0.1
     max_fraction: float = 0.9
-    schedule: str = "linear"
+    schedule: str = choice("linear", ("linear", "cosine", "exponential", "constant"))
     mask_token_prob: float = 0.8
     random_token_prob: float = 0.1
 
 
 @dataclass
 class CachingConfig:
-    cache_mode: str = "stack"
+    cache_mode: str = choice("stack", ("stack", "rack", "fusion", "layerwise"))
     max_cache_size: int = 1000
     max_memory_mb: int = 2048
-    storage_precision: str = "fp16"
+    storage_precision: str = choice("fp16", precision.spellings(precision.CACHE_STORAGE))
     spill_dir: str | None = None
     prefetch: int = 2
 
@@ -200,27 +211,29 @@ class DistributedConfig:
     collective (or a barrier waiting for a checkpoint) may wait before the job fails.
     ``training.batch_size`` is the global batch: each of the W ranks reads batch_size / W."""
 
-    strategy: str = "ddp"
-    backend: str = "auto"
+    strategy: str = choice("ddp", ("none", "ddp", "fsdp"))
+    backend: str = choice("auto", ("auto", "gloo", "nccl"))
     timeout_s: float = 600.0
 
 
 @dataclass
 class TrainingConfig:
-    mode: str = "layerwise"
+    mode: str = choice(
+        "layerwise", ("layerwise", "blockwise", "stackwise", "rackwise", "fused", "end_to_end")
+    )
     block_size: int = 4
-    fusion_mode: str = "frozen"
+    fusion_mode: str = choice("frozen", ("frozen", "trainable", "qlora"))
     total_blocks: int = 2
     learning_rate: float = 1e-4
     batch_size: int = 8
     max_steps: int = 1000
     qlora_enabled: bool = True
-    quantization_type: str = "fp16"
+    quantization_type: str = choice("fp16", precision.spellings(precision.TRUNK_STORAGE))
     quantization_enabled: bool = False
     time_step_masking: bool = True
     seq_len: int = 256
-    device: str = "auto"
-    dtype: str = "fp32"
+    device: str = choice("auto", ("auto", "cpu", "cuda"))
+    dtype: str = choice("fp32", precision.spellings(precision.FLOAT))
     autocast: bool = False
     seed: int = 42
     log_every: int = 10
@@ -233,6 +246,9 @@ class TrainingConfig:
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_id: str | None = None
+    # A local Hugging Face Llama folder or Llama GGUF file whose blocks become the trunk
+    # (stackwise.model.hf_init): new stacks are appended to the pretrained model.
+    init_from: str | None = None
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -250,17 +266,6 @@ class DataConfig:
 
 # ---- presets and aliases ----------------------------------------------------------------------
 
-# What each attention preset of the original layout means, as explicit settings. A key the YAML
-# sets itself wins over the preset.
-ATTENTION_PRESETS: dict[str, dict[str, Any]] = {
-    "bert_style": {"attention_type": "standard", "attention_mode": "bidirectional"},
-    "gpt_style": {"attention_type": "standard", "attention_mode": "causal"},
-    "efficient_gqa": {"attention_type": "gqa", "attention_mode": "causal", "use_rope": True},
-    "mla_attention": {"attention_type": "mla", "attention_mode": "causal", "use_rope": True},
-    "kernel_attention": {"attention_type": "kernel", "attention_mode": "causal"},
-    "mlgka": {"attention_type": "mlgka", "attention_mode": "causal", "use_rope": True},
-    "custom": {},
-}
 _ATTENTION_KEYS = ("attention_type", "attention_mode", "use_rope", "n_kv_heads", "rope_theta")
 
 # Short spellings accepted in YAML and overrides.
@@ -284,35 +289,74 @@ def _resolve_aliases(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _apply_preset(model: dict[str, Any]) -> None:
+    """Expand ``attention_preset`` and ``attention_custom`` into the model's own keys. A key the
+    model section sets itself wins over the preset; ``attention_custom`` (read with any preset)
+    also wins over the preset, and may not contradict a key the model section sets."""
     preset = model.get("attention_preset")
-    if preset is None:
-        return
-    if preset not in ATTENTION_PRESETS:
+    custom = model.get("attention_custom")
+    if preset is not None and preset not in ATTENTION_PRESETS:
         raise ConfigurationError(
             f"{preset!r} is not one of {sorted(ATTENTION_PRESETS)}", "model.attention_preset"
         )
-    settings = dict(ATTENTION_PRESETS[preset])
+    if preset == "custom" and not isinstance(custom, dict):
+        raise ConfigurationError(
+            "attention_preset 'custom' needs an attention_custom mapping of "
+            f"{list(_ATTENTION_KEYS)}",
+            "model.attention_custom",
+        )
+    if custom is not None and not isinstance(custom, dict):
+        raise ConfigurationError(
+            f"expected a mapping of {list(_ATTENTION_KEYS)}, got {custom!r}",
+            "model.attention_custom",
+        )
+    settings = dict(ATTENTION_PRESETS.get(preset, {})) if preset is not None else {}
+    n_heads = model.get("n_heads", ModelConfig.n_heads)
     if preset == "efficient_gqa" and "n_kv_heads" not in model:
-        n_heads = model.get("n_heads", ModelConfig.n_heads)
         if isinstance(n_heads, int) and n_heads % 4 == 0:
             settings["n_kv_heads"] = n_heads // 4
-    if preset == "custom":
-        custom = model.get("attention_custom")
-        if not isinstance(custom, dict):
+    if preset in ("gpt_style", "bert_style"):
+        # As in the original layout, fewer key/value heads than query heads means grouped
+        # (GQA) heads within the preset's multi-head attention.
+        n_kv = model.get("n_kv_heads")
+        if isinstance(n_kv, int) and isinstance(n_heads, int) and 0 < n_kv < n_heads:
+            settings["attention_type"] = "gqa"
+    for key, value in (custom or {}).items():
+        if key not in _ATTENTION_KEYS:
             raise ConfigurationError(
-                "attention_preset 'custom' needs an attention_custom mapping of "
-                f"{list(_ATTENTION_KEYS)}",
-                "model.attention_custom",
+                f"unknown key; attention_custom takes {list(_ATTENTION_KEYS)}",
+                f"model.attention_custom.{key}",
             )
-        for key in custom:
-            if key not in _ATTENTION_KEYS:
-                raise ConfigurationError(
-                    f"unknown key; attention_custom takes {list(_ATTENTION_KEYS)}",
-                    f"model.attention_custom.{key}",
-                )
-        settings.update(custom)
+        if key in model and model[key] != value:
+            raise ConfigurationError(
+                f"{value!r} contradicts model.{key}={model[key]!r}; keep one",
+                f"model.attention_custom.{key}",
+            )
+        settings[key] = value
     for key, value in settings.items():
         model.setdefault(key, value)
+
+
+def _derive_n_layers(model: dict[str, Any]) -> None:
+    """The original layout gives the depth as ``architecture`` alone (n_layers deprecated
+    there): n_layers is then n_stacks x blocks_per_stack."""
+    arch = model.get("architecture")
+    if "n_layers" in model or not isinstance(arch, dict):
+        return
+    n_stacks = arch.get("n_stacks", ArchitectureConfig.n_stacks)
+    per_stack = arch.get("blocks_per_stack", ArchitectureConfig.blocks_per_stack)
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n_stacks, per_stack)):
+        model["n_layers"] = n_stacks * per_stack
+
+
+def _build(cls: type, raw: dict[str, Any], written_as: dict[str, str]) -> Any:
+    """``_schema.from_dict``, reporting a key under the name the file wrote it with."""
+    try:
+        return _schema.from_dict(cls, raw)
+    except ConfigurationError as exc:
+        if exc.key is None or exc.key not in written_as:
+            raise
+        message = str(exc).removeprefix(f"{exc.key}: ")
+        raise ConfigurationError(message, written_as[exc.key]) from None
 
 
 @dataclass
@@ -341,10 +385,14 @@ class StackWiseConfig:
                 raise ConfigurationError(f"override {item!r} is not of the form key.sub=value")
             key = KEY_ALIASES.get(key.strip(), key.strip())
             _schema.set_dotted(raw, key, _schema.yaml_load(text) if text.strip() else None)
+        raw, written_as = translate_original_layout(raw)
         raw = _resolve_aliases(raw)
         if isinstance(raw.get("model"), dict):
             _apply_preset(raw["model"])
-        return _schema.from_dict(cls, raw)
+            _derive_n_layers(raw["model"])
+        config = _build(cls, raw, written_as)
+        config._written_as = written_as
+        return config
 
     @classmethod
     def from_yaml(
@@ -376,9 +424,7 @@ class StackWiseConfig:
     def validate(self) -> StackWiseConfig:
         """Check every value and cross-field rule; raise ConfigurationError naming the first
         offending dotted key (all problems are listed in the message). Returns self."""
-        from stackwise.config.validation import validate_config
-
-        validate_config(self)
+        validate_config(self, getattr(self, "_written_as", {}))
         return self
 
     @property

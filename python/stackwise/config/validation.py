@@ -1,38 +1,19 @@
 """Validation of a :class:`~stackwise.config.base.StackWiseConfig`: allowed values, ranges and
-cross-field rules. Each problem names its dotted key, the bad value and what is allowed."""
+cross-field rules. Each problem names its dotted key, the bad value and what is allowed.
+
+The allowed values of a key are declared once, on its dataclass field
+(:func:`stackwise.config._schema.choice`); :func:`_check_choices` walks the fields and checks
+them. This module does not import :mod:`stackwise.config.base` (which imports it): it reads the
+configuration through its attributes.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from typing import Any
 
+from stackwise.config._schema import field_choices
 from stackwise.exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    from stackwise.config.base import StackWiseConfig
-
-ATTENTION_TYPES = ("standard", "mha", "gqa", "mla", "kernel", "mlgka")
-ATTENTION_MODES = ("causal", "bidirectional")
-NORMS = ("rmsnorm", "layernorm")
-KERNEL_TYPES = ("elu", "relu", "gaussian", "softmax", "laplacian")
-FAMILIES = ("gpt2", "bert", "llama", "custom")
-EMBEDDING_OPTIONS = ("learned", "embed_tokens")
-MODES = ("layerwise", "blockwise", "stackwise", "rackwise", "fused", "end_to_end")
-FUSION_MODES = ("frozen", "trainable", "qlora")
-QUANT_TYPES = ("fp32", "full", "fp16", "half", "bf16", "int8", "nf4", "fp8", "fp8_e4m3", "fp8_e5m2")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "linear", "constant")
-BUILD_MODES = ("append", "prepend")
-TRUNK = ("frozen", "qlora")
-STACK_PRECISIONS = ("full", "fp32", "half", "fp16", "bf16")
-TIME = ("depth", "input")
-OBJECTIVES = ("clm", "mlm", "diffusion")
-MASK_SCHEDULES = ("linear", "cosine", "exponential", "constant")
-CACHE_MODES = ("stack", "rack", "fusion", "layerwise")
-STORAGE = ("as_is", "fp32", "fp16", "bf16", "int8", "fp8")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("fp32", "fp16", "bf16")
-DIST_STRATEGIES = ("none", "ddp", "fsdp")
-DIST_BACKENDS = ("auto", "gloo", "nccl")
 
 
 class _Checker:
@@ -61,6 +42,18 @@ class _Checker:
             self.fail(key, f"{value!r} must be in {bound}")
 
 
+def _check_choices(c: _Checker, section: Any, prefix: str) -> None:
+    """Every field declared with allowed values, in every section, in field order."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = f"{prefix}.{f.name}"
+        allowed = field_choices(f)
+        if allowed is not None:
+            c.choice(key, value, allowed)
+        elif dataclasses.is_dataclass(value):
+            _check_choices(c, value, key)
+
+
 def _check_model(c: _Checker, m) -> None:
     for key in (
         "vocab_size",
@@ -72,13 +65,18 @@ def _check_model(c: _Checker, m) -> None:
         "max_seq_len",
     ):
         c.positive(f"model.{key}", getattr(m, key))
-    c.choice("model.attention_type", m.attention_type, ATTENTION_TYPES)
-    c.choice("model.attention_mode", m.attention_mode, ATTENTION_MODES)
-    c.choice("model.norm", m.norm, NORMS)
     c.positive("model.norm_eps", m.norm_eps)
     c.fraction("model.dropout", m.dropout, upper_open=True)
     c.positive("model.rope_theta", m.rope_theta)
-    if m.n_heads > 0 and m.d_model > 0 and m.d_model % m.n_heads:
+    if m.head_dim is not None:
+        c.positive("model.head_dim", m.head_dim)
+        if m.attention_type not in ("standard", "mha", "gqa"):
+            c.fail(
+                "model.head_dim",
+                f"an explicit head_dim is supported for attention_type standard, mha or gqa, "
+                f"not {m.attention_type!r}",
+            )
+    elif m.n_heads > 0 and m.d_model > 0 and m.d_model % m.n_heads:
         c.fail("model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if m.n_kv_heads > 0 and m.n_heads > 0:
         if m.n_kv_heads > m.n_heads:
@@ -95,9 +93,9 @@ def _check_model(c: _Checker, m) -> None:
             f"{m.n_kv_heads} != n_heads={m.n_heads} with attention_type "
             f"{m.attention_type!r}; use 'gqa' for grouped heads",
         )
-    head_dim = m.d_model // m.n_heads if m.n_heads > 0 else 0
+    head_dim = m.head_dim or (m.d_model // m.n_heads if m.n_heads > 0 else 0)
     if m.use_rope and head_dim % 2:
-        c.fail("model.use_rope", f"RoPE needs an even head dim, got d_model/n_heads={head_dim}")
+        c.fail("model.use_rope", f"RoPE needs an even head dim, got {head_dim}")
     arch = m.architecture
     c.positive("model.architecture.n_stacks", arch.n_stacks)
     c.positive("model.architecture.blocks_per_stack", arch.blocks_per_stack)
@@ -121,11 +119,8 @@ def _check_model(c: _Checker, m) -> None:
         if mla.v_head_dim is not None:
             c.positive("model.mla.v_head_dim", mla.v_head_dim)
     if m.attention_type in ("kernel", "mlgka"):
-        c.choice("model.kernel.kernel_type", m.kernel.kernel_type, KERNEL_TYPES)
         c.positive("model.kernel.kernel_dim", m.kernel.kernel_dim)
     te = m.tokenizer_embedding
-    c.choice("model.tokenizer_embedding.family", te.family, FAMILIES)
-    c.choice("model.tokenizer_embedding.embedding_option", te.embedding_option, EMBEDDING_OPTIONS)
     if te.embedding_dim is not None:
         c.positive("model.tokenizer_embedding.embedding_dim", te.embedding_dim)
         if te.embedding_dim != m.d_model and not te.adapter:
@@ -143,11 +138,6 @@ def _check_model(c: _Checker, m) -> None:
 
 
 def _check_training(c: _Checker, t, model) -> None:
-    c.choice("training.mode", t.mode, MODES)
-    c.choice("training.fusion_mode", t.fusion_mode, FUSION_MODES)
-    c.choice("training.quantization_type", t.quantization_type, QUANT_TYPES)
-    c.choice("training.device", t.device, DEVICES)
-    c.choice("training.dtype", t.dtype, DTYPES)
     for key in ("block_size", "total_blocks", "batch_size", "seq_len", "log_every", "eval_every"):
         c.positive(f"training.{key}", getattr(t, key))
     c.positive("training.learning_rate", t.learning_rate)
@@ -155,8 +145,6 @@ def _check_training(c: _Checker, t, model) -> None:
     if t.seq_len > model.max_seq_len:
         c.fail("training.seq_len", f"{t.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     o = t.optimizer
-    c.choice("training.optimizer.name", o.name, OPTIMIZERS)
-    c.choice("training.optimizer.schedule", o.schedule, SCHEDULES)
     for i, b in enumerate(o.betas):
         c.fraction(f"training.optimizer.betas[{i}]", b, upper_open=True)
     c.positive("training.optimizer.eps", o.eps)
@@ -171,11 +159,6 @@ def _check_training(c: _Checker, t, model) -> None:
             f"{o.warmup_steps} exceeds training.max_steps={t.max_steps}",
         )
     p = t.progressive
-    c.choice("training.progressive.building_mode", p.building_mode, BUILD_MODES)
-    c.choice("training.progressive.trunk_strategy", p.trunk_strategy, TRUNK)
-    c.choice("training.progressive.new_stack_precision", p.new_stack_precision, STACK_PRECISIONS)
-    c.choice("training.progressive.time_interpretation", p.time_interpretation, TIME)
-    c.choice("training.progressive.training_objective", p.training_objective, OBJECTIVES)
     c.positive("training.progressive.target_stacks", p.target_stacks)
     c.positive("training.progressive.epochs_per_stack", p.epochs_per_stack)
     if p.steps_per_stack is not None:
@@ -228,7 +211,6 @@ def _check_training(c: _Checker, t, model) -> None:
             "training.masking.min_fraction",
             f"{mk.min_fraction} exceeds training.masking.max_fraction={mk.max_fraction}",
         )
-    c.choice("training.masking.schedule", mk.schedule, MASK_SCHEDULES)
     c.fraction("training.masking.mask_token_prob", mk.mask_token_prob)
     c.fraction("training.masking.random_token_prob", mk.random_token_prob)
     if mk.mask_token_prob + mk.random_token_prob > 1:
@@ -238,8 +220,6 @@ def _check_training(c: _Checker, t, model) -> None:
             f"{mk.mask_token_prob + mk.random_token_prob} exceeds 1",
         )
     ca = t.caching
-    c.choice("training.caching.cache_mode", ca.cache_mode, CACHE_MODES)
-    c.choice("training.caching.storage_precision", ca.storage_precision, STORAGE)
     c.positive("training.caching.max_cache_size", ca.max_cache_size)
     c.positive("training.caching.max_memory_mb", ca.max_memory_mb)
     c.non_negative("training.caching.prefetch", ca.prefetch)
@@ -247,8 +227,6 @@ def _check_training(c: _Checker, t, model) -> None:
     c.non_negative("training.checkpointing.every_steps", ck.every_steps)
     c.positive("training.checkpointing.keep_last", ck.keep_last)
     dd = t.distributed
-    c.choice("training.distributed.strategy", dd.strategy, DIST_STRATEGIES)
-    c.choice("training.distributed.backend", dd.backend, DIST_BACKENDS)
     c.positive("training.distributed.timeout_s", dd.timeout_s)
     if dd.backend == "nccl" and t.device == "cpu":
         c.fail(
@@ -266,13 +244,19 @@ def _check_data(c: _Checker, d) -> None:
         c.positive("data.seq_len", d.seq_len)
 
 
-def validate_config(config: StackWiseConfig) -> None:
-    """Raise ConfigurationError listing every problem, keyed by the first."""
+def validate_config(config: Any, written_as: dict[str, str] | None = None) -> None:
+    """Raise ConfigurationError listing every problem of a ``StackWiseConfig``, keyed by the
+    first. ``written_as`` maps a key to the name the file wrote it with (the original layout's
+    names, :mod:`stackwise.config.legacy`); problems are reported under that name."""
     c = _Checker()
+    for name in ("model", "training", "data"):
+        _check_choices(c, getattr(config, name), name)
     _check_model(c, config.model)
     _check_training(c, config.training, config.model)
     _check_data(c, config.data)
     if c.problems:
+        names = written_as or {}
+        c.problems = [(names.get(k, k), m) for k, m in c.problems]
         key, message = c.problems[0]
         rest = "".join(f"\n  {k}: {m}" for k, m in c.problems[1:])
         more = f" (and {len(c.problems) - 1} more:{rest})" if rest else ""

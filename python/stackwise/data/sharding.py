@@ -28,6 +28,15 @@ from torch.utils.data import Sampler
 from stackwise.exceptions import ConfigurationError, TrainingError
 
 
+def loader_generator(dataloader: Any) -> torch.Generator | None:
+    """The generator a ``DataLoader`` (or its sampler) shuffles with, if any."""
+    for owner in (dataloader, getattr(dataloader, "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator):
+            return g
+    return None
+
+
 def _check_rank(rank: int, world_size: int) -> None:
     if not (isinstance(world_size, int) and world_size >= 1):
         raise ConfigurationError(f"world_size must be an integer >= 1, got {world_size!r}")
@@ -86,8 +95,6 @@ class ShardedBatches:
 
     @property
     def generator(self) -> torch.Generator | None:
-        from stackwise.training.batches import loader_generator
-
         return loader_generator(self.batches)
 
 

@@ -141,10 +141,27 @@ class HFTokenizer:
 
             self._tok = BertWordPieceTokenizer(str(p), lowercase=True)
         self.name = str(p)
+        self._init_ids()
+
+    @classmethod
+    def from_tokenizer(cls, tok, name: str) -> HFTokenizer:
+        """Wrap a ``tokenizers.Tokenizer`` object (e.g. one rebuilt from a GGUF file)."""
+        self = cls.__new__(cls)
+        self._tok = tok
+        self.name = name
+        self._init_ids()
+        return self
+
+    def _init_ids(self) -> None:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.mask_token_id = self._first_id("[MASK]", "<mask>")
         self.pad_token_id = self._first_id("[PAD]", "<pad>")
         self.eos_token_id = self._first_id("[SEP]", "</s>", "<|endoftext|>", "<eos>")
+
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
 
     def _first_id(self, *tokens: str) -> int | None:
         for t in tokens:
@@ -164,7 +181,8 @@ _CACHE: dict[str, object] = {}
 
 
 def get_tokenizer(name_or_path: str):
-    """``"gpt2"``, ``"bytes"``, or a local folder / ``tokenizer.json`` / ``vocab.txt``."""
+    """``"gpt2"``, ``"bytes"``, a local folder / ``tokenizer.json`` / ``vocab.txt``, or a GGUF
+    model file (its tokenizer, rebuilt from the metadata)."""
     key = str(name_or_path)
     if key in _CACHE:
         return _CACHE[key]
@@ -172,6 +190,10 @@ def get_tokenizer(name_or_path: str):
         tok = GPT2Tokenizer()
     elif key in ("bytes", "byte"):
         tok = ByteTokenizer()
+    elif Path(key).is_file() and key.lower().endswith(".gguf"):
+        from stackwise.model.hf_gguf import gguf_tokenizer
+
+        tok = gguf_tokenizer(Path(key))
     elif Path(key).exists():
         tok = HFTokenizer(key)
     else:

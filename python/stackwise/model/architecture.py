@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from stackwise._io import atomic_write_bytes, sha256_file
-from stackwise.exceptions import CacheCorruptionError, ModelError
+from stackwise._io import atomic_write_bytes, sha256_file, verify_manifest
+from stackwise.exceptions import ModelError, RackLayoutError
 from stackwise.model.attention import RMSNorm
 from stackwise.model.lexical import LexicalKernelManager
 from stackwise.model.mlgka import MLGKALayer
@@ -58,6 +58,8 @@ def _layer_kwargs(cfg) -> dict:
         kernel_dim=cfg.kernel.kernel_dim,
         kernel_seed=cfg.kernel.seed,
     )
+    if getattr(cfg, "head_dim", None) is not None:
+        kwargs["head_dim"] = cfg.head_dim
     if cfg.attention_type == "kernel" or (
         cfg.attention_type == "mlgka"
         and cfg.attention_custom
@@ -281,27 +283,39 @@ def save_rack(rack: Rack, directory: str | os.PathLike[str]) -> Path:
 
 
 def load_rack(directory: str | os.PathLike[str]) -> Rack:
-    """Inverse of :func:`save_rack`; a file whose digest does not match raises
-    :class:`CacheCorruptionError` naming it."""
+    """Inverse of :func:`save_rack`. The manifest must list both files with their digests
+    (:func:`~stackwise._io.verify_manifest`: a missing entry, a path leading outside the folder
+    or a digest that does not match raises :class:`CacheCorruptionError` naming it). Weights
+    that do not fit a plain rack of the saved config (stacks converted to int8 / nf4 / fp8 or
+    carrying adapters) raise :class:`RackLayoutError`."""
     from safetensors.torch import load_file
 
     from stackwise.config import _schema
     from stackwise.config.base import ModelConfig
 
     src = Path(directory)
-    manifest_path = src / "manifest.json"
-    if not manifest_path.is_file():
+    if not (src / "manifest.json").is_file():
         raise ModelError(f"{src} is not a saved rack (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
-    for name, digest in manifest.items():
-        if sha256_file(src / name) != digest:
-            raise CacheCorruptionError("checksum mismatch", str(src / name))
+    verify_manifest(src, required=("model.safetensors", "config.yaml"))
     cfg = _schema.from_dict(
         ModelConfig, _schema.yaml_load((src / "config.yaml").read_text()), "model"
     )
     state = load_file(str(src / "model.safetensors"))
     rack = Rack.from_config(cfg, time_embedding=any(k.startswith("time_embedding.") for k in state))
-    rack.load_state_dict(state)
+    expected = set(rack.state_dict())
+    extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+    if extra or missing:
+        raise RackLayoutError(
+            f"{src / 'model.safetensors'} does not fit a plain rack of its config.yaml "
+            f"({len(extra)} unexpected tensors, e.g. {extra[:2]}; {len(missing)} missing, e.g. "
+            f"{missing[:2]}): its stacks were converted (quantized or adapted)"
+        )
+    try:
+        rack.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"{src / 'model.safetensors'} does not fit its config.yaml: {exc}"
+        ) from exc
     return rack
 
 

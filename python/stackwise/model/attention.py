@@ -94,6 +94,7 @@ class Attention(nn.Module):
         q_rank, kv_rank, rope_head_dim, v_head_dim: MLA / MLGKA latent sizes.
         kernel_type, kernel_dim, kernel_seed: feature map of kernel attention.
         dropout: on the output projection.
+        head_dim: width of one head (standard / mha / gqa only); None means d_model / n_heads.
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class Attention(nn.Module):
         kernel_seed: int = 0,
         dropout: float = 0.0,
         norm_eps: float = 1e-6,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         if attention_type not in ATTENTION_TYPES:
@@ -122,14 +124,21 @@ class Attention(nn.Module):
         if attention_mode not in ATTENTION_MODES:
             raise ModelError(f"attention_mode {attention_mode!r} is not one of {ATTENTION_MODES}")
         n_kv_heads = n_kv_heads or n_heads
-        if d_model % n_heads:
+        if head_dim is not None and attention_type not in ("standard", "mha", "gqa"):
+            raise ModelError(
+                f"an explicit head_dim needs attention_type standard, mha or gqa, "
+                f"not {attention_type!r}"
+            )
+        if head_dim is not None and head_dim <= 0:
+            raise ModelError(f"head_dim must be positive, got {head_dim}")
+        if head_dim is None and d_model % n_heads:
             raise ModelError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         if n_heads % n_kv_heads:
             raise ModelError(f"n_heads {n_heads} is not divisible by n_kv_heads {n_kv_heads}")
         if attention_type in ("standard", "mha", "mla", "kernel"):
             n_kv_heads = n_heads if attention_type != "kernel" else n_kv_heads
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim if head_dim is not None else d_model // n_heads
         self.attention_type = attention_type
         self.causal = attention_mode == "causal"
         self.use_rope = use_rope or attention_type == "mla"

@@ -4,11 +4,15 @@ unigram baseline a model must beat.
 - **loss**: mean cross entropy (nats) per predicted token over the split's windows: next tokens
   for causal racks; for mlm / diffusion racks the masked positions at the mask ratio of the last
   stage trained (``training.masking.max_fraction`` for both building modes), masks drawn from
-  the sample ids as in training.
+  the sample ids as in training. A rack with ``time_interpretation: input`` is evaluated as it
+  was trained: each sample at its own noise level t ~ U(min_fraction, max_fraction) (a pure
+  function of its id and ``training.seed``), given to the rack as its time input;
+  ``mask_ratio`` then reports the mean level.
 - **perplexity**: exp(loss).
-- **bits per byte**: loss x tokens / bytes / ln 2, where tokens are the split's evaluated target
-  tokens and bytes the UTF-8 bytes of their text (special tokens count no bytes). Comparable
-  across tokenizers.
+- **bits per byte**: what it measures depends on the objective and is named in
+  ``bits_per_byte_quantity`` (:mod:`stackwise.run.likelihood`): next-token cross entropy for
+  causal racks, the masked-diffusion ELBO bound for diffusion racks, none for mlm racks. Bytes
+  are the UTF-8 bytes of the scored windows' tokens (special tokens count no bytes).
 - **masked accuracy** (mlm / diffusion racks): share of masked positions whose most likely token
   is the original one.
 - **unigram baseline**: cross entropy of the split's tokens under the training split's token
@@ -18,14 +22,14 @@ unigram baseline a model must beat.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stackwise.exceptions import ConfigurationError, ModelError, TrainingError
+from stackwise.exceptions import ConfigurationError, RackLayoutError, TrainingError
 from stackwise.run.rundir import RunDirectory
 
 MASKED_OBJECTIVES = ("mlm", "diffusion")
@@ -40,10 +44,22 @@ class LoadedRun:
     rack: Any
     tokenizer: Any
     device: torch.device
+    notes: list[str] = field(default_factory=list)  # where the rack came from, when not rack/
 
     @property
     def masked(self) -> bool:
         return self.config.training.progressive.training_objective in MASKED_OBJECTIVES
+
+    @property
+    def input_time(self) -> bool:
+        """The rack takes the noise level as input (``time_interpretation: input``)."""
+        return getattr(self.rack, "time_embedding", None) is not None
+
+    @property
+    def mask_id(self) -> int:
+        """The mask token: the tokenizer's, else the last id (as the trainer does)."""
+        i = self.tokenizer.mask_token_id
+        return int(i) if i is not None else self.config.model.vocab_size - 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,25 +71,34 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_run(path, device: str | None = None) -> LoadedRun:
-    """Load the configuration, tokenizer and final rack of the run in ``path``. The rack comes
-    from ``rack/`` (full-precision racks) or, when that is missing or holds converted stacks,
-    from the newest stage checkpoint."""
+    """Load the configuration, tokenizer and final rack of the run in ``path``.
+
+    The rack comes from ``rack/``; every failure there (a missing or unverifiable manifest
+    entry, a checksum mismatch, weights that do not fit) is raised. Only a rack whose stacks
+    were converted (quantized or adapted trunk, :class:`RackLayoutError`) is rebuilt from the
+    checkpoint ``checkpoints/latest`` names, and ``LoadedRun.notes`` says so; without a
+    ``rack/`` the run is unfinished and the checkpoint is used the same way."""
     from stackwise.config.base import StackWiseConfig
     from stackwise.data.tokenizers import get_tokenizer
     from stackwise.model.architecture import load_rack
+    from stackwise.run.resume import resume_checkpoint
 
     run = RunDirectory(path).require_run()
     config = StackWiseConfig.from_yaml(run.config)
     tokenizer = get_tokenizer(run.read_run_json().get("tokenizer", config.data.tokenizer))
     dev = resolve_device(device or config.training.device)
-    rack = None
+    rack, notes = None, []
+    why = f"{run.rack} holds no saved rack (the run has not finished)"
+    if run.rack.is_dir():
+        why = f"{run.rack} has no manifest.json (its save did not complete)"
     if (run.rack / "manifest.json").is_file():
         try:
             rack = load_rack(run.rack)
-        except (RuntimeError, ModelError):
-            rack = None  # quantized / adapted trunk: rebuilt from the checkpoint below
+        except RackLayoutError as exc:
+            why = str(exc)
     if rack is None:
-        if not (run.checkpoints / "latest").is_file():
+        folder = resume_checkpoint(run.checkpoints, [], repair=False)
+        if folder is None:
             raise TrainingError(
                 f"{run.root} has no trained rack yet (no rack/ and no checkpoint); finish it "
                 f"with: stackwise train --resume --run-dir {run.root}"
@@ -82,8 +107,9 @@ def load_run(path, device: str | None = None) -> LoadedRun:
 
         _, builder = ProgressiveTrainer.resume(str(run.checkpoints), config)
         rack = builder.rack
+        notes.append(f"{why}; using checkpoint {folder.name}")
     rack.to(dev).eval()
-    return LoadedRun(run, config, rack, tokenizer, dev)
+    return LoadedRun(run, config, rack, tokenizer, dev, notes)
 
 
 def eval_mask_ratio(config, n_stacks: int) -> float:
@@ -127,6 +153,34 @@ def unigram_loss(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: 
     return float(-logp[np.asarray(eval_tokens, dtype=np.int64)].mean())
 
 
+def _eval_inputs(run: LoadedRun, ids, sample_ids, ratio: float):
+    """``(inputs, labels, time)`` of one batch of a masked rack: the training objective's masks
+    at ``ratio`` or, with
+    ``time_interpretation: input``, at each sample's noise level t drawn as in training
+    (:func:`sample_noise_levels`), t then also being the rack's time input."""
+    from stackwise.training.strategies.masking import corrupt_batch, sample_noise_levels
+
+    config = run.config
+    objective = config.training.progressive.training_objective
+    time = None
+    if run.input_time:
+        m = config.training.masking
+        time = sample_noise_levels(sample_ids, config.training.seed, m.min_fraction, m.max_fraction)
+        ratio = time
+    parsed = {"input_ids": ids, "attention_mask": None, "labels": None, "sample_id": sample_ids}
+    inputs, labels = corrupt_batch(
+        parsed,
+        ratio,
+        objective,
+        seed=config.training.seed,
+        mask_token_id=run.mask_id,
+        special_ids=special_ids(run.tokenizer),
+        vocab_size=config.model.vocab_size,
+        masking=config.training.masking,
+    )
+    return inputs, labels, None if time is None else time.to(run.device)
+
+
 @torch.no_grad()
 def evaluate_run(
     run: LoadedRun,
@@ -134,15 +188,13 @@ def evaluate_run(
     max_batches: int | None = None,
     batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Loss, perplexity, bits per byte, masked accuracy and unigram baseline on ``split``."""
+    """Loss, perplexity, bits per byte (and what it measures), masked accuracy and unigram
+    baseline on ``split``."""
     from torch.utils.data import DataLoader
 
     from stackwise.data import create_data_loaders
-    from stackwise.training.strategies.masking import (
-        IGNORE_INDEX,
-        diffusion_corrupt,
-        mlm_corrupt,
-    )
+    from stackwise.run import likelihood
+    from stackwise.training.strategies.masking import IGNORE_INDEX
 
     if split not in ("train", "val"):
         raise ConfigurationError(f"split {split!r} is not 'train' or 'val'", "--split")
@@ -156,36 +208,27 @@ def evaluate_run(
         )
     bs = batch_size or config.training.batch_size
     loader = DataLoader(dataset, batch_size=bs, shuffle=False)
-    ratio = eval_mask_ratio(config, len(rack.stacks)) if run.masked else 0.0
     objective = config.training.progressive.training_objective
-    specials = special_ids(tok)
-    mask_id = tok.mask_token_id if tok.mask_token_id is not None else config.model.vocab_size - 1
+    m = config.training.masking
+    ratio = 0.0
+    if run.masked:
+        ratio = (
+            0.5 * (m.min_fraction + m.max_fraction)  # the mean of the per-sample noise levels
+            if run.input_time
+            else eval_mask_ratio(config, len(rack.stacks))
+        )
     total_nats, n_scored, n_correct, n_windows = 0.0, 0, 0, 0
+    batches = []  # (ids, sample ids) for the bound of a diffusion rack
     rack.eval()
     for batch_idx, batch in enumerate(loader):
         if max_batches is not None and batch_idx >= max_batches:
             break
-        ids = batch["input_ids"]
+        ids, sample_ids = batch["input_ids"], torch.as_tensor(batch["sample_id"])
         if run.masked:
-            corrupt = mlm_corrupt if objective == "mlm" else diffusion_corrupt
-            kwargs = {"vocab_size": config.model.vocab_size} if objective == "mlm" else {}
-            if objective == "mlm":
-                kwargs.update(
-                    mask_prob=config.training.masking.mask_token_prob,
-                    random_prob=config.training.masking.random_token_prob,
-                )
-            inputs, labels = corrupt(
-                ids,
-                torch.as_tensor(batch["sample_id"]),
-                ratio,
-                seed=config.training.seed,
-                mask_token_id=mask_id,
-                special_ids=specials,
-                **kwargs,
-            )
+            inputs, labels, time = _eval_inputs(run, ids, sample_ids, ratio)
         else:
-            inputs, labels = ids, batch["labels"]
-        logits = rack(inputs.to(dev)).float()
+            inputs, labels, time = ids, batch["labels"], None
+        logits = rack(inputs.to(dev), time=time).float()
         labels = labels.to(dev)
         scored = labels != IGNORE_INDEX
         total_nats += float(
@@ -199,18 +242,37 @@ def evaluate_run(
         n_scored += int(scored.sum())
         n_correct += int(((logits.argmax(-1) == labels) & scored).sum())
         n_windows += ids.shape[0]
+        if objective == "diffusion":
+            batches.append((ids, sample_ids))
     if n_scored == 0:
         raise TrainingError(f"nothing to score on the {split} split (no masked or target token)")
     loss = total_nats / n_scored
     seq = dataset.seq_len
-    targets = np.asarray(dataset.tokens[1 : n_windows * seq + 1])
+    # the tokens scored: next tokens of causal racks, the windows' own tokens of masked ones
+    first = 0 if run.masked else 1
+    targets = np.asarray(dataset.tokens[first : first + n_windows * seq])
     n_bytes = text_bytes(tok, targets)
+    quantity = likelihood.bits_per_byte_quantity(objective)
+    bpb = None
+    if objective == "clm":
+        bpb = likelihood.bits_per_byte(total_nats, n_bytes)
+    elif objective == "diffusion":
+        bound = likelihood.diffusion_nll_bound_nats(
+            rack,
+            batches,
+            seed=config.training.seed,
+            mask_token_id=run.mask_id,
+            special_ids=special_ids(tok),
+            device=dev,
+        )
+        bpb = likelihood.bits_per_byte(bound, n_bytes)
     train_tokens = train_loader.dataset.tokens
     return {
         "split": split,
         "loss": loss,
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-        "bits_per_byte": loss * len(targets) / n_bytes / math.log(2) if n_bytes else None,
+        "bits_per_byte": bpb,
+        "bits_per_byte_quantity": quantity if bpb is not None else None,
         "masked_accuracy": n_correct / n_scored if run.masked else None,
         "mask_ratio": ratio if run.masked else None,
         "unigram_loss": unigram_loss(train_tokens, targets, config.model.vocab_size),

@@ -18,6 +18,11 @@ which two samplers fill in:
   at step t = T..1 each masked position draws its token and is revealed with probability 1/t, so
   the last step reveals all.
 
+A rack with a time embedding (``time_interpretation: input``) is told the noise level of each
+step, following the sampler's schedule: the depth sampler's step i gets r_i, the mask ratio of
+stack i's stage; the diffusion sampler's step t of T gets t/T,
+the expected masked fraction of the generated positions at that step.
+
 Sampling: ``temperature`` 0 is greedy; otherwise softmax(logits / temperature) after top-k and
 top-p (nucleus) filtering. Mask and pad ids are never produced. Everything random is drawn from
 one ``torch.Generator`` seeded with ``seed``, so a seed fixes the output.
@@ -146,6 +151,13 @@ def _level(config, i: int, n: int) -> float:
     ).get_mask_fraction(i, n)
 
 
+def _time(rack, level: float, device) -> Tensor | None:
+    """The noise level ``level`` as the time input [1] of a time-conditioned rack, else None."""
+    if getattr(rack, "time_embedding", None) is None:
+        return None
+    return torch.full((1,), float(level), device=device)
+
+
 def _masked_start(rack, prompt_ids, max_new_tokens, mask_id) -> tuple[Tensor, int]:
     limit = rack.config.max_seq_len
     if max_new_tokens < 1:
@@ -187,7 +199,8 @@ def generate_depth(
         if len(masked) == 0:
             break
         start = i if prepend else 0
-        h = rack.forward_from(rack.embed(x), start)
+        time = _time(rack, _level(config, i, n), x.device)
+        h = rack.forward_from(rack.embed(x, time), start)
         logits = rack.logits(h)[0, masked]
         ids, conf = choose(logits, gen, temperature, top_k, top_p, banned)
         keep_masked = min(len(masked), round(_level(config, i + 1, n) * max_new_tokens))
@@ -222,7 +235,7 @@ def generate_diffusion(
         masked = masked[masked >= p]
         if len(masked) == 0:
             break
-        logits = rack(x)[0, masked]
+        logits = rack(x, time=_time(rack, t / steps, x.device))[0, masked]
         ids, _ = choose(logits, gen, temperature, top_k, top_p, banned)
         reveal = torch.rand(len(masked), generator=gen) < 1.0 / t
         x[0, masked[reveal]] = ids[reveal].to(x.device)

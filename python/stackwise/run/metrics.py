@@ -12,8 +12,9 @@ Record types and their keys (every record also has ``time``, seconds since the U
 - ``stage_end``: stage, stack_index, n_stacks, steps, global_step, train_loss (mean of the
   stage's last 10% of steps), eval_loss (null without a validation split), tokens,
   tokens_per_s, wall_s, cache_fill_s, peak_memory_bytes, mask_ratio
-- ``final``: val_loss, perplexity, bits_per_byte, unigram_loss, masked_accuracy (null for causal
-  racks), wall_s
+- ``final``: val_loss, perplexity, bits_per_byte, bits_per_byte_quantity (what that figure
+  measures, :mod:`stackwise.run.likelihood`; both null for mlm racks), unigram_loss,
+  masked_accuracy (null for causal racks), wall_s
 
 Losses are mean cross entropy in nats per predicted token. :data:`SCHEMA` lists the keys and
 :func:`check_record` validates a record against it.
@@ -27,6 +28,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+from stackwise.exceptions import TrainingError
 
 SCHEMA: dict[str, tuple[str, ...]] = {
     "stage_start": (
@@ -71,6 +74,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
         "val_loss",
         "perplexity",
         "bits_per_byte",
+        "bits_per_byte_quantity",
         "unigram_loss",
         "masked_accuracy",
         "wall_s",
@@ -95,19 +99,62 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every record of a ``metrics.jsonl`` (a torn last line, from a crash, is skipped)."""
+    """Every record of a ``metrics.jsonl``.
+
+    Only a torn last line (one without its newline: the record being written when a run
+    crashed) is skipped. Any other line that is not a JSON object raises :class:`TrainingError`
+    naming the file and the line, so a damaged file is never read as a shorter one.
+    """
     p = Path(path)
     if not p.is_file():
         return []
+    *complete, tail = p.read_bytes().split(b"\n")
     out = []
-    for line in p.read_text().splitlines():
-        if not line.strip():
+    for number, raw in enumerate(complete, start=1):
+        if not raw.strip():
             continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        record = _record(raw)
+        if record is None:
+            raise TrainingError(
+                f"{p}: line {number} is not a JSON record ({raw[:60]!r}); the file is damaged: "
+                "repair or delete that line"
+            )
+        out.append(record)
+    if tail.strip():
+        record = _record(tail)  # a whole record whose newline is missing counts
+        if record is not None:
+            out.append(record)
     return out
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def seal_tail(path: str | os.PathLike[str]) -> bool:
+    """Make ``path`` end with a newline before records are appended to it: a torn last line is
+    cut off, a whole last record missing its newline gets one. Returns True when it changed
+    the file (appending to a torn line would fuse the next record with it)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    data = p.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    cut = data.rfind(b"\n") + 1
+    with open(p, "r+b") as f:
+        if _record(data[cut:]) is not None:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        else:
+            f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
 
 
 class MetricsWriter:
@@ -117,6 +164,7 @@ class MetricsWriter:
     def __init__(self, path: str | os.PathLike[str], tensorboard_dir: str | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        seal_tail(self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard_dir is not None:

@@ -1,8 +1,8 @@
 """The configuration reference, generated from the configuration dataclasses.
 
 ``stackwise config reference`` prints it as markdown: one table per section (the dataclass's
-docstring, then every field with its type, default, allowed values from
-:mod:`stackwise.config.validation` and a one-line description from :data:`DESCRIPTIONS`). The
+docstring, then every field with its type, default, the allowed values its field declares
+(:func:`stackwise.config._schema.choice`) and a one-line description from :data:`DESCRIPTIONS`). The
 README's "Configuration reference" section is this output between two marker comments;
 ``stackwise config reference --update README.md`` rewrites it and a test checks that they agree.
 """
@@ -35,6 +35,7 @@ DESCRIPTIONS: dict[str, str] = {
     "model.attention_preset": "shorthand for attention settings (gpt_style, efficient_gqa, ...)",
     "model.attention_custom": "explicit attention settings with attention_preset 'custom'",
     "model.rope_theta": "RoPE base frequency",
+    "model.head_dim": "width of one attention head (null: d_model / n_heads; standard/gqa only)",
     "model.max_seq_len": "longest sequence the rack accepts (also the generation window)",
     "model.norm": "normalisation of the pre-norm blocks",
     "model.norm_eps": "epsilon of the normalisation",
@@ -75,6 +76,10 @@ DESCRIPTIONS: dict[str, str] = {
     "training.log_every": "steps between metrics records and plain progress lines",
     "training.eval_every": "steps between validation evaluations (and at each stage's end)",
     "training.run_id": "free-form run name (not read by stackwise train)",
+    "training.init_from": (
+        "local Hugging Face Llama folder or Llama .gguf file: its blocks become the trunk "
+        "(in stacks of blocks_per_stack), target_stacks counts them; new stacks are appended"
+    ),
     "training.optimizer.name": "optimizer of every stage",
     "training.optimizer.betas": "Adam betas",
     "training.optimizer.eps": "Adam epsilon",
@@ -95,6 +100,15 @@ DESCRIPTIONS: dict[str, str] = {
     "training.progressive.training_objective": "next token (clm), masked tokens (mlm), diffusion",
     "training.progressive.epochs_per_stack": "passes over the data per stage (no step count)",
     "training.progressive.steps_per_stack": "steps per stage (overrides max_steps)",
+    "training.progressive.new_stack_init": (
+        "weights of each new stack: auto (identity on a training.init_from trunk, else random), "
+        "random, identity (zeroed output projections: adding it leaves the rack's output "
+        "unchanged) or copy (of the stack it joins)"
+    ),
+    "training.progressive.stage_budget": (
+        "split of max_steps over the stages: uniform, front_loaded (stage k of n gets n - k "
+        "shares) or back_loaded (k + 1 shares)"
+    ),
     "training.qlora.rank": "LoRA rank of trunk adapters",
     "training.qlora.alpha": "LoRA scale numerator (scale = alpha / rank)",
     "training.qlora.dropout": "dropout on the LoRA input",
@@ -118,8 +132,8 @@ DESCRIPTIONS: dict[str, str] = {
     "training.checkpointing.dir": "checkpoint folder (the CLI uses <run>/checkpoints)",
     "training.checkpointing.every_steps": "checkpoint every N steps in a stage (0: at ends)",
     "training.checkpointing.keep_last": "checkpoints kept",
-    "training.distributed.strategy": "ddp, fsdp or none (refuse more than one process)",
-    "training.distributed.backend": "auto (nccl on CUDA, gloo on CPU), gloo or nccl",
+    "training.distributed.strategy": "data parallelism; none refuses more than one process",
+    "training.distributed.backend": "collective backend; auto is nccl on CUDA, gloo on CPU",
     "training.distributed.timeout_s": "seconds a collective or checkpoint barrier may wait",
     "data.corpus": "shakespeare, pydoc, or a local .txt file, folder of .txt, or .jsonl",
     "data.tokenizer": "gpt2, bytes, or a local tokenizer.json / vocab.txt",
@@ -128,34 +142,6 @@ DESCRIPTIONS: dict[str, str] = {
     "data.packing": "pack documents into fixed windows (always on)",
     "data.text_field": "field holding the text in a .jsonl corpus",
 }
-
-
-def _allowed() -> dict[str, tuple[str, ...]]:
-    from stackwise.config import validation as v
-
-    return {
-        "model.attention_type": v.ATTENTION_TYPES,
-        "model.attention_mode": v.ATTENTION_MODES,
-        "model.norm": v.NORMS,
-        "model.kernel.kernel_type": v.KERNEL_TYPES,
-        "model.tokenizer_embedding.family": v.FAMILIES,
-        "model.tokenizer_embedding.embedding_option": v.EMBEDDING_OPTIONS,
-        "training.mode": v.MODES,
-        "training.fusion_mode": v.FUSION_MODES,
-        "training.quantization_type": v.QUANT_TYPES,
-        "training.device": v.DEVICES,
-        "training.dtype": v.DTYPES,
-        "training.optimizer.name": v.OPTIMIZERS,
-        "training.optimizer.schedule": v.SCHEDULES,
-        "training.progressive.building_mode": v.BUILD_MODES,
-        "training.progressive.trunk_strategy": v.TRUNK,
-        "training.progressive.new_stack_precision": v.STACK_PRECISIONS,
-        "training.progressive.time_interpretation": v.TIME,
-        "training.progressive.training_objective": v.OBJECTIVES,
-        "training.masking.schedule": v.MASK_SCHEDULES,
-        "training.caching.cache_mode": v.CACHE_MODES,
-        "training.caching.storage_precision": v.STORAGE,
-    }
 
 
 def _type_name(tp: Any) -> str:
@@ -190,9 +176,9 @@ def _sections(cls: type, prefix: str) -> list[tuple[str, type]]:
 
 def config_reference() -> str:
     """The markdown reference of every configuration key."""
+    from stackwise.config._schema import field_choices
     from stackwise.config.base import StackWiseConfig
 
-    allowed = _allowed()
     parts: list[str] = []
     for prefix, cls in _sections(StackWiseConfig, "")[1:]:
         hints = typing.get_type_hints(cls)
@@ -205,8 +191,9 @@ def config_reference() -> str:
                 continue
             key = f"{prefix}.{f.name}"
             desc = DESCRIPTIONS.get(key, "")
-            if key in allowed:
-                desc += ("; " if desc else "") + "one of " + ", ".join(allowed[key])
+            allowed = field_choices(f)
+            if allowed is not None:
+                desc += ("; " if desc else "") + "one of " + ", ".join(allowed)
             parts.append(f"| `{key}` | {_type_name(hints[f.name])} | {_default(f)} | {desc} |")
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"

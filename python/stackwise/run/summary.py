@@ -1,6 +1,9 @@
 """``summary.json`` and ``summary.md``: the figures a finished run is judged by.
 
-summary.json keys: ``val_loss``, ``perplexity``, ``bits_per_byte``, ``masked_accuracy``,
+summary.json keys: ``val_loss``, ``perplexity``, ``bits_per_byte`` and
+``bits_per_byte_quantity`` (what that figure measures, :mod:`stackwise.run.likelihood`: the
+next-token cross entropy of causal racks, the masked-diffusion ELBO bound of diffusion racks;
+both null for mlm racks), ``masked_accuracy``,
 ``unigram_loss`` (the validation tokens under training-split unigram frequencies),
 ``beats_unigram_by`` (unigram_loss - val_loss, nats), ``tokens_per_s`` (training tokens over
 training time, all stages), ``wall_s`` (the whole command: data, training, evaluation),
@@ -46,6 +49,7 @@ def build_summary(
         "val_loss": val,
         "perplexity": evaluation.get("perplexity"),
         "bits_per_byte": evaluation.get("bits_per_byte"),
+        "bits_per_byte_quantity": evaluation.get("bits_per_byte_quantity"),
         "masked_accuracy": evaluation.get("masked_accuracy"),
         "unigram_loss": uni,
         "beats_unigram_by": (uni - val) if val is not None and uni is not None else None,
@@ -63,10 +67,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# Run summary: {s.get('config', '')}",
         "",
-        f"- validation loss **{s['val_loss']:.4f}** nats/token (perplexity {s['perplexity']:.1f}, "
-        f"{s['bits_per_byte']:.3f} bits/byte)"
-        if s.get("val_loss") is not None and s.get("bits_per_byte") is not None
+        f"- validation loss **{s['val_loss']:.4f}** nats/token (perplexity {s['perplexity']:.1f})"
+        if s.get("val_loss") is not None
         else f"- validation loss {s.get('val_loss')}",
+        f"- {s['bits_per_byte']:.3f} bits per byte: {s.get('bits_per_byte_quantity')}"
+        if s.get("bits_per_byte") is not None
+        else "- bits per byte: not reported (no likelihood for this objective)",
         f"- unigram baseline {s['unigram_loss']:.4f} nats/token; the rack is "
         f"{abs(s['beats_unigram_by']):.3f} nats "
         f"{'below' if s['beats_unigram_by'] > 0 else 'above (worse than)'} it"

@@ -36,6 +36,9 @@ def _load_config(config_path, overrides, run: RunDirectory | None, resume: bool)
         config = StackWiseConfig.from_yaml(run.config, overrides=overrides)
     else:
         raise ConfigurationError("--config FILE is required (or --resume with --run-dir)")
+    from stackwise.model.hf_init import apply_init_from
+
+    apply_init_from(config)  # training.init_from: the model section follows the pretrained model
     return config.validate()
 
 
@@ -102,6 +105,7 @@ def train_run(
             report_rank_error(exc, ctx.rank)
         raise
     finally:
+        run.release()
         ctx.shutdown()
 
 
@@ -137,6 +141,9 @@ def _trainer_and_builder(run: RunDirectory, config, tok, resume: bool):
         torch.manual_seed(config.training.seed)
         prog = config.training.progressive
         builder = ProgressiveRackBuilder(config=config, building_mode=prog.building_mode)
+        from stackwise.model.hf_init import seed_trunk
+
+        seed_trunk(builder)  # the pretrained trunk of training.init_from, if any
         trainer = ProgressiveTrainer(config=config, tokenizer_ids=ids)
     trainer.checkpoint_dir = str(run.checkpoints)
     return trainer, builder
@@ -218,6 +225,7 @@ def _train(
     from stackwise.run.evaluate import LoadedRun, evaluate_run
     from stackwise.run.metrics import MetricsWriter, read_metrics, truncate_after
     from stackwise.run.progress import MetricsCallback, ProgressCallback, format_duration
+    from stackwise.run.resume import checkpoint_global_step
     from stackwise.run.summary import build_summary, write_summary
 
     t0 = time.perf_counter()
@@ -229,6 +237,8 @@ def _train(
     eval_loader = val_loader if n_val > 0 else None
     prog = config.training.progressive
     progress.line(f"run directory {run.root}" + (" (resumed)" if resume else ""))
+    for note in run.notes:
+        progress.line(note)
     progress.line(
         f"data: corpus {config.data.corpus!r}, tokenizer {tok.name}: "
         f"{len(train_loader.dataset.tokens):,} train tokens ({n_train} windows of "
@@ -240,15 +250,16 @@ def _train(
         trainer, builder = _trainer_and_builder(run, config, tok, resume)
     else:
         trainer, builder = _hierarchical_trainer(config, tok, resume), None
+    resumed_step = checkpoint_global_step(run.resume_folder) if resume else 0  # within a stage
     if progressive and resume and (run.checkpoints / "latest").is_file():
         progress.line(
             f"resuming after stage {len(trainer.history)} of {prog.target_stacks} "
-            f"(global step {trainer.global_step})"
+            f"(global step {resumed_step})"
         )
     if resume:  # only once the checkpoint has loaded under it: a misfit keeps the old config
         config.to_yaml(run.config)
     global_step = lambda: sum(int(h.get("steps", 0)) for h in trainer.history)  # noqa: E731
-    truncate_after(run.metrics, global_step(), len(trainer.history))
+    truncate_after(run.metrics, resumed_step, len(trainer.history))
     writer = MetricsWriter(run.metrics, str(run.tensorboard))
     metrics = MetricsCallback(writer, config.training.log_every, global_step)
     if progressive:
@@ -313,6 +324,7 @@ def _train(
             val_loss=evaluation.get("loss"),
             perplexity=evaluation.get("perplexity"),
             bits_per_byte=evaluation.get("bits_per_byte"),
+            bits_per_byte_quantity=evaluation.get("bits_per_byte_quantity"),
             unigram_loss=evaluation.get("unigram_loss"),
             masked_accuracy=evaluation.get("masked_accuracy"),
             wall_s=summary["wall_s"],
@@ -334,10 +346,11 @@ def _train(
         status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_s=summary["wall_s"]
     )
     if evaluation:
+        bpb = evaluation["bits_per_byte"]
         progress.line(
             f"final: val loss {evaluation['loss']:.4f} (perplexity {evaluation['perplexity']:.1f}, "
-            f"{evaluation['bits_per_byte']:.3f} bits/byte); unigram baseline "
-            f"{evaluation['unigram_loss']:.4f}"
+            + (f"{bpb:.3f} bits/byte" if bpb is not None else "no bits/byte")
+            + f"); unigram baseline {evaluation['unigram_loss']:.4f}"
         )
     progress.line(
         f"wall time {format_duration(summary['wall_s'])}; wrote {run.summary_md}, "

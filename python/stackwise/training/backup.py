@@ -32,29 +32,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from stackwise import precision as _precision
 from stackwise._io import atomic_write_bytes, atomic_write_text, sha256_file
 from stackwise.exceptions import TrainingError
 
-BACKUP_PRECISIONS = {
-    "fp32": torch.float32,
-    "full": torch.float32,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-}
-_CANONICAL = {"full": "fp32", "half": "fp16"}
 METADATA = "metadata.json"
 _FORMAT = "stackwise-weight-backup"
 _VERSION = 1
 
 
 def canonical_backup_precision(precision: str) -> str:
-    """``fp32``, ``fp16`` or ``bf16`` (aliases ``full``, ``half``), else TrainingError."""
-    if precision not in BACKUP_PRECISIONS:
-        raise TrainingError(
-            f"cache_precision {precision!r} is not one of {sorted(BACKUP_PRECISIONS)}"
-        )
-    return _CANONICAL.get(precision, precision)
+    """``fp32``, ``fp16`` or ``bf16`` (or an alias, :data:`stackwise.precision.FLOAT`), else
+    TrainingError."""
+    return _precision.canonical(
+        precision, _precision.FLOAT, key="cache_precision", error=TrainingError
+    )
 
 
 def new_run_id() -> str:
@@ -104,7 +96,7 @@ def save_full_precision_weights(
     from safetensors.torch import save
 
     prec = canonical_backup_precision(precision)
-    dtype = BACKUP_PRECISIONS[prec]
+    dtype = _precision.dtype_of(prec)
     out = Path(directory)
     meta = (
         _read_metadata(out)
@@ -207,7 +199,6 @@ def restore_full_precision_weights(
 
 
 __all__ = [
-    "BACKUP_PRECISIONS",
     "backup_directory",
     "canonical_backup_precision",
     "new_run_id",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stackwise.data.sharding import loader_generator  # re-exported: the trainers import it here
 from stackwise.exceptions import TrainingError
 
 
@@ -107,15 +108,6 @@ def check_loader(dataloader: Any) -> None:
             "the dataloader must be re-iterable (a list, a DataLoader), not a one-shot "
             f"iterator ({type(dataloader).__name__}): each stage reads it from the start"
         )
-
-
-def loader_generator(dataloader: Any) -> torch.Generator | None:
-    """The generator a ``DataLoader`` (or its sampler) shuffles with, if any."""
-    for owner in (dataloader, getattr(dataloader, "sampler", None)):
-        g = getattr(owner, "generator", None)
-        if isinstance(g, torch.Generator):
-            return g
-    return None
 
 
 class LoaderSource:

@@ -243,7 +243,10 @@ class TrainLoop:
                 **unit.identity,
                 "steps": steps,
                 "param_groups": names,
-                "group_lr": {n: g.get("initial_lr", g["lr"]) for n, g in zip(names, opt.param_groups)},
+                "group_lr": {
+                    n: g.get("initial_lr", g["lr"])
+                    for n, g in zip(names, opt.param_groups, strict=True)
+                },
                 "cache_fill_s": cache_time,
                 "start_step": start,
             },

@@ -58,6 +58,7 @@ from stackwise.training.checkpoint import (
     save_checkpoint,
 )
 from stackwise.training.distributed import DistributedContext, active_context
+from stackwise.training.growth import init_new_stack, stage_steps_share
 from stackwise.training.loop import TrainLoop, Unit, count_batches, rack_stacks
 from stackwise.training.parallel import DataParallel
 from stackwise.training.rack_builder import ProgressiveRackBuilder
@@ -233,6 +234,8 @@ class ProgressiveTrainer:
                 stopped = "max_steps"
                 break
             rack_builder.add_stack(precision=self._trunk_precision())
+            new_idx = rack_builder.n_stacks - 1 if rack_builder.building_mode == "append" else 0
+            init_new_stack(rack_builder, new_idx, self.progressive.new_stack_init)
             rack_builder.rack.to(self.device)
             self._run_stage(rack_builder, dataloader, stage, plan, eval_loader, steps, n_batches)
         return {
@@ -355,7 +358,7 @@ class ProgressiveTrainer:
         if p.steps_per_stack:
             steps = p.steps_per_stack
         elif max_steps:
-            steps = max(1, max_steps * (stage + 1) // plan - max_steps * stage // plan)
+            steps = stage_steps_share(max_steps, plan, stage, p.stage_budget)
         else:
             steps = math.ceil(p.epochs_per_stack * n_batches / accum)
         if max_steps:

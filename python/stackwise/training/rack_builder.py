@@ -7,7 +7,8 @@ left (prepend), and freezes, converts or adapts the stacks that are no longer tr
     rack = rack_builder.build_rack()
 
 ``precision`` is the storage precision a stack takes once it becomes part of the frozen trunk
-(full | half | bf16 | int8 | nf4 | fp8); the stack being trained is always full precision.
+(full | half | bf16 | int8 | nf4 | fp8 ...: :data:`stackwise.precision.TRUNK_STORAGE`); the
+stack being trained is always full precision.
 ``build_rack()`` returns the one rack being trained (same embeddings, head and final norm),
 reflecting every stack added so far.
 
@@ -23,13 +24,12 @@ from __future__ import annotations
 
 import torch
 
+from stackwise import precision as _precision
 from stackwise.exceptions import ConfigurationError, TrainingError
 from stackwise.model.architecture import Rack, Stack
 from stackwise.model.mlgka import MLGKALayer
 from stackwise.training.core.qlora import adapter_parameters, merge_adapters, wrap_linears
 from stackwise.training.strategies.quantization import QuantizationManager, canonical_precision
-
-PRECISIONS = ("full", "half", "bf16", "int8", "nf4", "fp8")
 
 
 class ProgressiveRackBuilder:
@@ -64,8 +64,7 @@ class ProgressiveRackBuilder:
         return len(self.rack.stacks)
 
     def _new_stack(self, n_blocks: int | None, precision: str) -> Stack:
-        if precision not in PRECISIONS:
-            raise ConfigurationError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
+        _precision.canonical(precision, _precision.TRUNK_STORAGE, key="precision")
         n = n_blocks or self.model_config.architecture.blocks_per_stack
         if n < 1:
             raise ConfigurationError(f"n_blocks must be >= 1, got {n}")
@@ -100,6 +99,21 @@ class ProgressiveRackBuilder:
         self.strategies.insert(0, "")
         self.adapter_ranks.insert(0, None)
         return stack
+
+    def load_trunk(self, stacks: list[Stack], precision: str = "full") -> None:
+        """Append already-trained stacks (e.g. an imported pretrained model's, see
+        :mod:`stackwise.model.hf_init`) as the trunk: frozen and converted to ``precision`` when
+        the next stack trains, like any stack the rack has outgrown."""
+        if self.n_stacks:
+            raise TrainingError("load_trunk needs an empty rack builder")
+        _precision.canonical(precision, _precision.TRUNK_STORAGE, key="precision")
+        for stack in stacks:
+            self.rack.stacks.append(stack)
+            self.precisions.append(precision)
+            self.converted.append(False)
+            self.strategies.append("")
+            self.adapter_ranks.append(None)
+            self._layer_seed += len(stack)
 
     def add_stack(self, n_blocks: int | None = None, precision: str = "full") -> Stack:
         """Append or prepend, following ``building_mode``."""

@@ -57,7 +57,9 @@ def compute_dtype(training) -> torch.dtype | None:
     ``training.autocast: true`` meaning bf16."""
     name = training.dtype
     if name not in _AUTOCAST_DTYPES:
-        raise ConfigurationError(f"{name!r} is not one of {list(_AUTOCAST_DTYPES)}", "training.dtype")
+        raise ConfigurationError(
+            f"{name!r} is not one of {list(_AUTOCAST_DTYPES)}", "training.dtype"
+        )
     if training.autocast:
         if name == "fp16":
             raise ConfigurationError(
@@ -224,7 +226,9 @@ class BatchStep:
                     m = self.micro_batch((batch_idx, batch), ratio)
                     h = run_modules(modules, model.embed(m.ids, m.time), 0, boundary, m.mask)
                     attn = (
-                        m.mask if m.mask is not None else torch.ones_like(m.labels, dtype=torch.bool)
+                        m.mask
+                        if m.mask is not None
+                        else torch.ones_like(m.labels, dtype=torch.bool)
                     )
                     companions = torch.stack([m.labels.cpu(), attn.long().cpu()])
                     ids.append(cache.store_activations(boundary, h.detach().cpu(), companions))

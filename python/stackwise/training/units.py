@@ -17,7 +17,9 @@ from torch import nn
 def _fixed_parameter_ids(module: nn.Module) -> set[int]:
     fixed: set[int] = set()
     for m in module.modules():
-        if getattr(m, "freeze_up_proj", False) and isinstance(getattr(m, "up_proj", None), nn.Module):
+        if getattr(m, "freeze_up_proj", False) and isinstance(
+            getattr(m, "up_proj", None), nn.Module
+        ):
             fixed.update(id(p) for p in m.up_proj.parameters())
     return fixed
 

@@ -180,3 +180,41 @@ def test_masked_run_eval_and_samplers(tmp_path, make_tiny, capsys):
         assert 258 not in outs[0]["ids"] and len(outs[0]["ids"]) == 14  # no mask id left
     assert main(["generate", "--run-dir", str(run), "--prompt", "x", "--sampler", "ar"]) == 2
     assert "needs a causal" in capsys.readouterr().err
+
+
+def test_export_command_writes_a_transformers_folder(trained_run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from stackwise.run.evaluate import load_run
+    from utils import assert_close
+
+    _, run_dir = trained_run
+    out = tmp_path / "hf"
+    assert main(["export", "--run-dir", str(run_dir), "--format", "hf", str(out)]) == 0
+    assert "wrote a Hugging Face Llama folder" in capsys.readouterr().out
+    run = load_run(run_dir, device="cpu")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the quick brown fox"
+    ids = run.tokenizer.encode(text)
+    assert tok(text, add_special_tokens=False)["input_ids"] == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert_close(model(x).logits, run.rack(x), "model_logits", torch.float32)
+    assert (
+        main(
+            [
+                "export",
+                "--run-dir",
+                str(run_dir),
+                "--format",
+                "hf",
+                "--adapters",
+                "peft",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
+    assert "no unmerged LoRA adapters" in capsys.readouterr().err

@@ -26,11 +26,20 @@ def test_run_directory_rules(tmp_path):
     run.config.write_text("model: {}\n")
     with pytest.raises(ConfigurationError, match="already exists"):
         RunDirectory(run.root).prepare()
-    RunDirectory(run.root).prepare(resume=True)
+    # the folder stays locked by ``run`` until it releases it
+    for kwargs in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(ConfigurationError, match="in use by another stackwise process"):
+            RunDirectory(run.root).prepare(**kwargs)
+    assert run.config.is_file()
+    run.release()
+    other = RunDirectory(run.root)
+    other.prepare(resume=True)
+    other.release()
     with pytest.raises(ConfigurationError, match="exclude each other"):
         run.prepare(resume=True, overwrite=True)
     run.prepare(overwrite=True)
     assert run.root.is_dir() and not run.config.exists()
+    run.release()
     with pytest.raises(ConfigurationError, match="holds no run"):
         run.prepare(resume=True)
     with pytest.raises(ConfigurationError, match="not a run directory"):

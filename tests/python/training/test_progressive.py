@@ -141,7 +141,9 @@ def test_qlora_trunk_adapters_train_and_quantized_weights_stay():
     class _AtStage1:  # the trunk is quantized and wrapped when stage 1 starts, before it trains
         def on_stage_start(self, info):
             if info["stage"] == 1:
-                adapters = [m for m in builder.rack.stacks[0].modules() if isinstance(m, QLoRAAdapter)]
+                adapters = [
+                    m for m in builder.rack.stacks[0].modules() if isinstance(m, QLoRAAdapter)
+                ]
                 seen["packed"] = [a.base_layer.qweight.clone() for a in adapters]
                 seen["lora_B"] = [a.lora_B.detach().clone() for a in adapters]
 
@@ -154,7 +156,9 @@ def test_qlora_trunk_adapters_train_and_quantized_weights_stay():
     assert all(b0.abs().sum() == 0 for b0 in seen["lora_B"])
     assert any(a.lora_B.abs().sum() > 0 for a in adapters)
     # ... while the quantized weights under them stayed exactly as they were quantized.
-    assert all(torch.equal(p, a.base_layer.qweight) for p, a in zip(seen["packed"], adapters))
+    assert all(
+        torch.equal(p, a.base_layer.qweight) for p, a in zip(seen["packed"], adapters, strict=True)
+    )
 
 
 def test_training_errors():

@@ -34,26 +34,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stackwise import precision as _precision
 from stackwise._C import ActivationCacheStore
+from stackwise.config._schema import config_choices
+from stackwise.config.base import CachingConfig
 from stackwise.exceptions import ConfigurationError
 
-CACHE_MODES = ("stack", "rack", "fusion", "layerwise")
+CACHE_MODES = config_choices(CachingConfig, "cache_mode")
 # Boundary kinds from finest to coarsest; a mode keeps its own kind and every coarser one.
 BOUNDARY_KINDS = ("block", "fusion", "stack", "rack")
 _MODE_FINEST = {"layerwise": "block", "fusion": "fusion", "stack": "stack", "rack": "rack"}
-STORAGE_PRECISIONS = {
-    "as_is": "as_is",
-    "none": "as_is",
-    "full": "as_is",
-    "fp16": "fp16",
-    "half": "fp16",
-    "float16": "fp16",
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-    "int8": "int8",
-    "fp8": "fp8",
-    "fp8_e4m3": "fp8",
-}
 _MASKS = "masks"
 
 
@@ -70,8 +60,8 @@ class CacheManager:
         cache_mode: which boundaries are kept, one of :data:`CACHE_MODES` (module docstring).
         max_cache_size: entries held in host memory before spilling (>= 1).
         max_memory_mb: host-memory budget in MiB for the cached tensors, or None for none.
-        storage_precision: "as_is", "fp16", "bf16", "int8" or "fp8" (aliases "full", "half",
-            "bfloat16", "fp8_e4m3").
+        storage_precision: "as_is", "fp16", "bf16", "int8" or "fp8"
+            (:data:`stackwise.precision.CACHE_STORAGE` and its aliases).
         spill_dir: directory for entries beyond the budgets; None keeps everything in memory
             and makes a store over budget raise ``CacheBudgetError``.
         pinned_memory_mb: page-locked host memory for faster device copies (CUDA only).
@@ -100,12 +90,9 @@ class CacheManager:
                 f"must be a positive number of MiB or None, got {max_memory_mb!r}",
                 key="max_memory_mb",
             )
-        if not isinstance(storage_precision, str) or storage_precision not in STORAGE_PRECISIONS:
-            raise ConfigurationError(
-                f"must be one of {', '.join(sorted(set(STORAGE_PRECISIONS.values())))}, "
-                f"got {storage_precision!r}",
-                key="storage_precision",
-            )
+        storage = _precision.canonical(
+            storage_precision, _precision.CACHE_STORAGE, key="storage_precision"
+        )
         if spill_dir is not None and not isinstance(spill_dir, str | os.PathLike):
             raise ConfigurationError(f"must be a path or None, got {spill_dir!r}", key="spill_dir")
         if not isinstance(pinned_memory_mb, int | float) or pinned_memory_mb < 0:
@@ -115,7 +102,7 @@ class CacheManager:
         self.cache_mode = cache_mode
         self.max_cache_size = max_cache_size
         self.max_memory_mb = max_memory_mb
-        self.storage_precision = STORAGE_PRECISIONS[storage_precision]
+        self.storage_precision = _precision.PRECISIONS[storage].cache_format
         self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
         self._store = ActivationCacheStore(
             max_memory_bytes=0 if max_memory_mb is None else int(max_memory_mb * 2**20),

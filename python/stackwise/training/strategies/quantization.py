@@ -19,36 +19,18 @@ import copy
 import torch
 from torch import nn
 
+from stackwise import precision as _precision
 from stackwise.exceptions import QuantizationError
 from stackwise.model.quantized import QuantizedLinear
 
-PRECISION_ALIASES = {
-    "full": "fp32",
-    "fp32": "fp32",
-    "float32": "fp32",
-    "half": "fp16",
-    "fp16": "fp16",
-    "float16": "fp16",
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-    "int8": "int8",
-    "nf4": "nf4",
-    "fp8": "fp8_e4m3",
-    "fp8_e4m3": "fp8_e4m3",
-    "fp8_e5m2": "fp8_e5m2",
-}
-_CAST = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CAST = {name: _precision.dtype_of(name) for name in _precision.FLOAT}
 _NORM_TYPES = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.BatchNorm1d)
 
 
 def canonical_precision(precision: str) -> str:
-    """The canonical name of a precision, or QuantizationError naming the unknown one."""
-    key = str(precision).lower()
-    if key not in PRECISION_ALIASES:
-        raise QuantizationError(
-            f"unknown precision {precision!r}; expected one of {sorted(PRECISION_ALIASES)}"
-        )
-    return PRECISION_ALIASES[key]
+    """The canonical name of a precision a model can be converted to (the vocabulary of
+    :mod:`stackwise.precision`), or QuantizationError naming the unknown one."""
+    return _precision.canonical(precision, _precision.TRUNK_STORAGE, error=QuantizationError)
 
 
 class QuantizationManager:

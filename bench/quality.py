@@ -1,0 +1,210 @@
+"""Quality benchmark: is a progressively trained rack a better model than what the same memory
+and time train end to end?
+
+Every arm is a ``stackwise train`` configuration (:data:`quality_arms.ARMS`: the shared model
+and optimizer, plus the arm's overrides) trained by :class:`ProgressiveTrainer` in its own
+subprocess; the end-to-end baselines are racks of one stack (one stage trains everything).
+All arms read the same global batch order (Shakespeare; stage k of a progressive run reads the
+batches after those of stages 0..k-1) and are scored on the same held-out batches.
+
+Budgets: ``tokens`` (every arm takes ``--steps`` optimizer steps) and ``time`` (each
+progressive arm's steps are scaled by the ratio of the shallow end-to-end arm's training time to
+the arm's own, measured in its equal-tokens run, so both train for about as long). Training time
+is the sum of the optimizer steps and the cache fills; evaluation is not counted.
+
+Memory, per stage, split into what would live on the accelerator (parameters and buffers of the
+rack, gradients, optimizer state, the tensors autograd saves for the backward pass, counted with
+``torch.autograd.graph.saved_tensors_hooks`` at every step) and what the activation cache holds
+in host memory or on disk. The shallow end-to-end depth is the deepest whose accelerator-side
+training memory does not exceed the progressive stage's (``--shallow-depth auto`` measures it).
+
+    python bench/quality.py [--steps 400] [--tokenizer bytes|gpt2] [--arms e2e_full ...]
+                            [--budgets tokens time] [--shallow-depth auto|N]
+                            [--json bench/results/quality.json] [--plot docs/quality.png]
+
+The machine is shared: wall times are noisy, so compared arms run back to back in one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality_arms import ARMS, arm_config  # noqa: E402
+from quality_worker import run_arm  # noqa: E402
+
+
+def _spawn(arm: str, steps: int, args, shallow: int, eval_every: int) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        arm,
+        "--steps",
+        str(steps),
+        "--tokenizer",
+        args.tokenizer,
+        "--shallow-depth",
+        str(shallow),
+        "--eval-batches",
+        str(args.eval_batches),
+        "--eval-every",
+        str(eval_every),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    if res.returncode != 0:
+        raise RuntimeError(f"arm {arm} failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _probe_shallow(args) -> tuple[int, list[dict]]:
+    """Accelerator-side memory of one step at each end-to-end depth and of the progressive
+    stages; the deepest end-to-end rack that fits the largest stage."""
+    stage = _spawn("prog_untied_copy", 4, args, 2, 0)
+    budget = max(s["accel_bytes"] for s in stage["stages"])
+    rows = [{"arm": "progressive stage", "accel_bytes": budget}]
+    best = 1
+    for depth in range(1, 9):
+        r = _spawn("e2e_shallow", 1, args, depth, 0)
+        need = r["stages"][0]["accel_bytes"]
+        rows.append({"arm": f"end-to-end {depth} blocks", "accel_bytes": need})
+        if need <= budget:
+            best = depth
+    return best, rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(
+        f"{'budget':<7} {'arm':<28} {'steps':>6} {'tokens':>9} {'eval bpb':>8} "
+        f"{'train s':>8} {'accel MiB':>9} {'cache MiB':>9}  per-stage bpb"
+    )
+    for r in rows:
+        stages = " > ".join(f"{s['eval_bpb']:.2f}" for s in r["stages"])
+        print(
+            f"{r['budget']:<7} {r['arm']:<28} {r['steps']:>6} {r['tokens']:>9} "
+            f"{r['eval_bpb']:>8.3f} {r['train_s']:>8.1f} {r['accel_peak_bytes'] / 2**20:>9.1f} "
+            f"{r['cache_peak_bytes'] / 2**20:>9.1f}  {stages}"
+        )
+
+
+def _plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["budget"] for r in rows})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.8), squeeze=False)
+    for ax, budget in zip(axes[0], budgets, strict=True):
+        for r in rows:
+            if r["budget"] != budget:
+                continue
+            xs = [p["train_s"] for p in r["curve"]]
+            ys = [p["eval_bpb"] for p in r["curve"]]
+            style = "--" if r["arm"].startswith("e2e") else "-"
+            ax.plot(xs, ys, style, marker=".", label=f"{r['arm']} ({r['eval_bpb']:.2f})")
+        ax.set_xlabel("training time (s)")
+        ax.set_ylabel("held-out bits per byte")
+        ax.set_title(f"equal {budget}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--steps", type=int, default=400, help="total optimizer steps (400-3200)")
+    p.add_argument("--tokenizer", default="bytes", choices=("bytes", "gpt2"))
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--budgets", nargs="+", default=["tokens", "time"], choices=("tokens", "time"))
+    p.add_argument("--shallow-depth", default="2", help="blocks of e2e_shallow, or 'auto'")
+    p.add_argument("--eval-batches", type=int, default=20, help="held-out batches of 16 x 128")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
+    p.add_argument("--json", default="bench/results/quality.json")
+    p.add_argument("--plot", default="docs/quality.png")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        shallow = int(args.shallow_depth)
+        print(json.dumps(run_arm(args.worker, args.steps, args, shallow, args.eval_every)))
+        return 0
+    if args.steps < 4:
+        p.error("--steps must be at least 4 (one per stage)")
+    probe = []
+    if args.shallow_depth == "auto":
+        shallow, probe = _probe_shallow(args)
+        print(f"shallow end-to-end depth with the memory of one stage: {shallow} blocks")
+    else:
+        shallow = int(args.shallow_depth)
+    every = args.eval_every or max(1, args.steps // 16)
+    rows: list[dict] = []
+    t0 = time.time()
+    for arm in args.arms:
+        r = _spawn(arm, args.steps, args, shallow, every)
+        r["budget"] = "tokens"
+        rows.append(r)
+        print(f"[{time.time() - t0:7.0f} s] tokens {arm}: {r['eval_bpb']:.3f} bpb", flush=True)
+    if "time" in args.budgets:
+        ref = next((r for r in rows if r["arm"] == "e2e_shallow"), None)
+        if ref is None:
+            p.error("the 'time' budget needs the e2e_shallow arm")
+        for r in list(rows):
+            if r["arm"].startswith("e2e"):
+                continue
+            scale = ref["train_s"] / r["train_s"]
+            steps = max(4, int(round(args.steps * scale)))
+            t = _spawn(r["arm"], steps, args, shallow, max(1, steps // 16))
+            t["budget"] = "time"
+            t["time_scale"] = scale
+            rows.append(t)
+            print(
+                f"[{time.time() - t0:7.0f} s] time {r['arm']}: {steps} steps, "
+                f"{t['train_s']:.0f} s (target {ref['train_s']:.0f} s), {t['eval_bpb']:.3f} bpb",
+                flush=True,
+            )
+        rows.append({**ref, "budget": "time"})
+    if "tokens" not in args.budgets:
+        rows = [r for r in rows if r["budget"] == "time" or r["arm"] == "e2e_shallow"]
+    _print_table(rows)
+    from harness import environment
+    from stackwise._io import atomic_write_text
+
+    env = environment("cpu")
+    out = {
+        "benchmark": "quality",
+        "command": "python bench/quality.py " + " ".join(argv or sys.argv[1:]),
+        "environment": env,
+        "steps": args.steps,
+        "tokenizer": args.tokenizer,
+        "shallow_depth": shallow,
+        "memory_probe": probe,
+        "configs": {a: arm_config(a, args.steps, args.tokenizer, shallow).to_dict() for a in ARMS},
+        "rows": rows,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.json, json.dumps(out, indent=2))
+    title = (
+        f"Shakespeare ({args.tokenizer}), {args.steps} steps, d_model 128, "
+        f"{env.get('cpu_threads')} CPU threads"
+    )
+    _plot(rows, args.plot, title)
+    print(f"wrote {args.json} and {args.plot}")
+    return 0 if all(math.isfinite(r["eval_bpb"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

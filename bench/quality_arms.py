@@ -1,0 +1,137 @@
+"""The arms of ``bench/quality.py``: one shared configuration (Shakespeare, d_model 128, GQA 4/2,
+d_ff 512, seq 128, batch 16, AdamW 1e-3 with a cosine schedule) and each arm's overrides.
+
+Every arm is a plain ``stackwise train`` configuration: ``arm_config(name, ...).to_yaml(path)``
+writes one that ``stackwise train --config path`` runs as it is. An end-to-end arm is a rack of
+one stack holding every block, so its one stage trains embeddings, blocks, final norm and head
+together.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+# Progressive arms grow 4 stacks of 2 blocks; end-to-end arms train FULL_DEPTH or the shallow
+# depth (the memory of one progressive stage) in one stack.
+N_STACKS, BLOCKS_PER_STACK = 4, 2
+FULL_DEPTH = N_STACKS * BLOCKS_PER_STACK
+
+UNTIED = {"model": {"tie_embeddings": False}}
+QLORA_TRUNK = {
+    "training": {
+        "progressive": {"trunk_strategy": "qlora"},
+        "qlora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 1e-3},
+    }
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def _prog(*parts: dict) -> dict:
+    out: dict = {}
+    for part in parts:
+        out = _merge(out, part)
+    return out
+
+
+def _init(mode: str) -> dict:
+    return {"training": {"progressive": {"new_stack_init": mode}}}
+
+
+def _budget(name: str) -> dict:
+    return {"training": {"progressive": {"stage_budget": name}}}
+
+
+# name -> (what it is, overrides); "e2e_*" arms are handled by arm_config (one stack).
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "e2e_full": ("end-to-end, 8 blocks", {}),
+    "e2e_shallow": ("end-to-end, the memory of one stage", {}),
+    "prog_tied": ("progressive 4x2, frozen trunk, tied head", {}),
+    "prog_untied": ("+ untied head and final norm training every stage", UNTIED),
+    "prog_untied_identity": ("+ identity-initialised new stacks", _prog(UNTIED, _init("identity"))),
+    "prog_untied_copy": ("+ new stack copied from the previous one", _prog(UNTIED, _init("copy"))),
+    "prog_copy_front": (
+        "copy init, front-loaded stage budget",
+        _prog(UNTIED, _init("copy"), _budget("front_loaded")),
+    ),
+    "prog_copy_back": (
+        "copy init, back-loaded stage budget",
+        _prog(UNTIED, _init("copy"), _budget("back_loaded")),
+    ),
+    "prog_copy_qlora": (
+        "copy init, NF4 trunk with LoRA adapters",
+        _prog(UNTIED, _init("copy"), QLORA_TRUNK),
+    ),
+}
+
+
+def base_dict(steps: int, tokenizer: str) -> dict[str, Any]:
+    vocab = 259 if tokenizer == "bytes" else 50259
+    return {
+        "model": {
+            "vocab_size": vocab,
+            "d_model": 128,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "d_ff": 512,
+            "n_layers": FULL_DEPTH,
+            "attention_type": "gqa",
+            "attention_mode": "causal",
+            "use_rope": True,
+            "max_seq_len": 128,
+            "tie_embeddings": True,
+            "architecture": {"n_stacks": N_STACKS, "blocks_per_stack": BLOCKS_PER_STACK},
+        },
+        "training": {
+            "learning_rate": 1e-3,
+            "batch_size": 16,
+            "seq_len": 128,
+            "max_steps": steps,
+            "eval_every": max(1, steps // 16),
+            "qlora_enabled": False,
+            "time_step_masking": False,
+            "optimizer": {"name": "adamw", "schedule": "cosine", "warmup_steps": 0},
+            "progressive": {
+                "building_mode": "append",
+                "target_stacks": N_STACKS,
+                "trunk_strategy": "frozen",
+                "training_objective": "clm",
+            },
+            "caching": {"max_memory_mb": 8192, "max_cache_size": 100000},
+            "checkpointing": {"enabled": False},
+        },
+        "data": {"corpus": "shakespeare", "tokenizer": tokenizer, "val_fraction": 0.1},
+    }
+
+
+def arm_config(name: str, steps: int, tokenizer: str = "bytes", shallow_depth: int = 2):
+    """The validated :class:`StackWiseConfig` of arm ``name`` at ``steps`` total steps."""
+    from stackwise.config.base import StackWiseConfig
+
+    if name not in ARMS:
+        raise KeyError(f"unknown arm {name!r}; arms: {list(ARMS)}")
+    raw = base_dict(steps, tokenizer)
+    if name.startswith("e2e"):
+        depth = FULL_DEPTH if name == "e2e_full" else shallow_depth
+        raw = _merge(
+            raw,
+            {
+                "model": {
+                    "n_layers": depth,
+                    "architecture": {"n_stacks": 1, "blocks_per_stack": depth},
+                },
+                "training": {"progressive": {"target_stacks": 1}},
+            },
+        )
+    else:
+        raw = _merge(raw, ARMS[name][1])
+    return StackWiseConfig.from_dict(raw).validate()
+
+
+__all__ = ["ARMS", "BLOCKS_PER_STACK", "FULL_DEPTH", "N_STACKS", "arm_config", "base_dict"]
