@@ -24,7 +24,7 @@ from stackwise import precision
 from stackwise._io import atomic_write_text
 from stackwise.config import _schema
 from stackwise.config._schema import choice
-from stackwise.config.legacy import ATTENTION_PRESETS, translate_original_layout
+from stackwise.config.legacy import ATTENTION_PRESETS, check_removed, translate_original_layout
 from stackwise.config.validation import validate_config
 from stackwise.exceptions import (  # noqa: F401  (re-exported with the configuration)
     ConfigurationError,
@@ -144,7 +144,6 @@ class ProgressiveConfig:
     building_mode: str = choice("append", ("append", "prepend"))
     target_stacks: int = 2
     trunk_strategy: str = choice("frozen", ("frozen", "qlora"))
-    new_stack_precision: str = choice("full", precision.spellings(precision.FLOAT))
     cache_activations: bool = True
     time_interpretation: str = choice("depth", ("depth", "input"))
     training_objective: str = choice("clm", ("clm", "mlm", "diffusion"))
@@ -183,7 +182,6 @@ class MaskingConfig:
 
 @dataclass
 class CachingConfig:
-    cache_mode: str = choice("stack", ("stack", "rack", "fusion", "layerwise"))
     max_cache_size: int = 1000
     max_memory_mb: int = 2048
     storage_precision: str = choice("fp16", precision.spellings(precision.CACHE_STORAGE))
@@ -385,6 +383,7 @@ class StackWiseConfig:
                 raise ConfigurationError(f"override {item!r} is not of the form key.sub=value")
             key = KEY_ALIASES.get(key.strip(), key.strip())
             _schema.set_dotted(raw, key, _schema.yaml_load(text) if text.strip() else None)
+        check_removed(raw)
         raw, written_as = translate_original_layout(raw)
         raw = _resolve_aliases(raw)
         if isinstance(raw.get("model"), dict):

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stackwise import precision
 from stackwise.exceptions import ConfigurationError, TrainingError
 from stackwise.training.batches import parse_batch
 from stackwise.training.strategies.caching import CacheManager
@@ -67,7 +68,7 @@ def compute_dtype(training) -> torch.dtype | None:
                 "training.autocast",
             )
         return torch.bfloat16
-    return _AUTOCAST_DTYPES[name]
+    return None if name == "fp32" else precision.dtype_of(name)
 
 
 def resolve_device(name: str) -> torch.device:

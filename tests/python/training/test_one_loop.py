@@ -94,9 +94,14 @@ def test_freeze_up_proj_keeps_the_up_projection_fixed(trainer_kind):
     torch.manual_seed(0)
     if trainer_kind == "progressive":
         builder = ProgressiveRackBuilder(config)
-        builder.add_stack()
-        up0, gate0 = _up_and_gate(builder.rack)
-        ProgressiveTrainer(config).train_rack(builder, _data(), target_stacks=1)
+        seen = []
+
+        class _AtStart:
+            def on_stage_start(self, info):
+                seen.extend(_up_and_gate(builder.rack))
+
+        ProgressiveTrainer(config, callbacks=[_AtStart()]).train_rack(builder, _data(), 1)
+        up0, gate0 = seen
         rack = builder.rack
     elif trainer_kind == "hierarchical":
         trainer = Trainer(config)

@@ -46,8 +46,8 @@ from stackwise.training.core.qlora import (
 )
 from stackwise.training.loop import flat_blocks
 from stackwise.training.optim import build_optimizer
+from stackwise.training.segment import SegmentTrainer
 from stackwise.training.strategies.quantization import QuantizationManager, canonical_precision
-from stackwise.training.trainer import SegmentTrainer
 from stackwise.training.units import embedding_parameters, head_parameters, trainable_parameters
 
 # ---- fusion training --------------------------------------------------------------------------
