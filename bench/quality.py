@@ -21,6 +21,8 @@ training memory does not exceed the progressive stage's (``--shallow-depth auto`
     python bench/quality.py [--steps 400] [--tokenizer bytes|gpt2] [--arms e2e_full ...]
                             [--budgets tokens time] [--shallow-depth auto|N]
                             [--json bench/results/quality.json] [--plot docs/quality.png]
+    python bench/quality.py --write-configs DIR [--steps 400]   # each arm as a YAML file
+    stackwise train --config DIR/prog_copy_consolidate.yaml      # one arm, as a user runs it
 
 The machine is shared: wall times are noisy, so compared arms run back to back in one call.
 """
@@ -33,7 +35,9 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,6 +83,62 @@ def _probe_shallow(args) -> tuple[int, list[dict]]:
         if need <= budget:
             best = depth
     return best, rows
+
+
+def _run_all(args, shallow: int, parser) -> list[dict]:
+    """Every arm at equal tokens, then (as soon as it and e2e_shallow are done) each progressive
+    arm at equal time; ``--parallel`` arms at a time. Each result is appended to
+    ``<json>.partial.jsonl`` as it arrives."""
+    if "time" in args.budgets and "e2e_shallow" not in args.arms:
+        parser.error("the 'time' budget needs the e2e_shallow arm")
+    every = args.eval_every or max(1, args.steps // 8)
+    partial = Path(args.json + ".partial.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")
+    rows: list[dict] = []
+    t0 = time.time()
+    lock = threading.Lock()
+
+    def record(r: dict, note: str) -> None:
+        with lock:
+            rows.append(r)
+            with partial.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(f"[{time.time() - t0:7.0f} s] {r['budget']} {r['arm']}: {note}", flush=True)
+
+    def tokens(arm: str) -> dict:
+        r = {**_spawn(arm, args.steps, args, shallow, every), "budget": "tokens"}
+        record(r, f"{r['eval_bpb']:.3f} bpb, {r['train_s']:.0f} s")
+        return r
+
+    def timed(arm_row: dict, ref: dict) -> None:
+        scale = ref["train_s"] / arm_row["train_s"]
+        steps = max(4, int(round(args.steps * scale)))
+        t = _spawn(arm_row["arm"], steps, args, shallow, max(1, steps // 8))
+        t.update(budget="time", time_scale=scale, target_train_s=ref["train_s"])
+        record(
+            t,
+            f"{steps} steps, {t['train_s']:.0f} s (target {ref['train_s']:.0f} s), "
+            f"{t['eval_bpb']:.3f} bpb",
+        )
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = {arm: pool.submit(tokens, arm) for arm in args.arms}
+        if "time" in args.budgets:
+            ref = futures["e2e_shallow"].result()
+            timed_jobs = [
+                pool.submit(timed, futures[arm].result(), ref)
+                for arm in args.arms
+                if not arm.startswith("e2e")
+            ]
+            for job in timed_jobs:
+                job.result()
+            rows.append({**ref, "budget": "time"})
+        for f in futures.values():
+            f.result()
+    order = {a: i for i, a in enumerate(args.arms)}
+    rows.sort(key=lambda r: (r["budget"] != "tokens", order[r["arm"]]))
+    return rows
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -132,12 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--budgets", nargs="+", default=["tokens", "time"], choices=("tokens", "time"))
     p.add_argument("--shallow-depth", default="2", help="blocks of e2e_shallow, or 'auto'")
-    p.add_argument("--eval-batches", type=int, default=20, help="held-out batches of 16 x 128")
+    p.add_argument("--eval-batches", type=int, default=16, help="held-out batches of 16 x 128")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
+    p.add_argument("--parallel", type=int, default=1, help="arms trained at the same time")
     p.add_argument("--json", default="bench/results/quality.json")
     p.add_argument("--plot", default="docs/quality.png")
+    p.add_argument(
+        "--write-configs",
+        metavar="DIR",
+        help="write each arm's configuration as DIR/<arm>.yaml (for stackwise train) and exit",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.write_configs:
+        shallow = 2 if args.shallow_depth == "auto" else int(args.shallow_depth)
+        Path(args.write_configs).mkdir(parents=True, exist_ok=True)
+        for arm in args.arms:
+            cfg = arm_config(arm, args.steps, args.tokenizer, shallow)
+            cfg.to_yaml(Path(args.write_configs) / f"{arm}.yaml")
+        print(f"wrote {len(args.arms)} configurations to {args.write_configs}")
+        return 0
     if args.worker:
         shallow = int(args.shallow_depth)
         print(json.dumps(run_arm(args.worker, args.steps, args, shallow, args.eval_every)))
@@ -150,33 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shallow end-to-end depth with the memory of one stage: {shallow} blocks")
     else:
         shallow = int(args.shallow_depth)
-    every = args.eval_every or max(1, args.steps // 16)
-    rows: list[dict] = []
-    t0 = time.time()
-    for arm in args.arms:
-        r = _spawn(arm, args.steps, args, shallow, every)
-        r["budget"] = "tokens"
-        rows.append(r)
-        print(f"[{time.time() - t0:7.0f} s] tokens {arm}: {r['eval_bpb']:.3f} bpb", flush=True)
-    if "time" in args.budgets:
-        ref = next((r for r in rows if r["arm"] == "e2e_shallow"), None)
-        if ref is None:
-            p.error("the 'time' budget needs the e2e_shallow arm")
-        for r in list(rows):
-            if r["arm"].startswith("e2e"):
-                continue
-            scale = ref["train_s"] / r["train_s"]
-            steps = max(4, int(round(args.steps * scale)))
-            t = _spawn(r["arm"], steps, args, shallow, max(1, steps // 16))
-            t["budget"] = "time"
-            t["time_scale"] = scale
-            rows.append(t)
-            print(
-                f"[{time.time() - t0:7.0f} s] time {r['arm']}: {steps} steps, "
-                f"{t['train_s']:.0f} s (target {ref['train_s']:.0f} s), {t['eval_bpb']:.3f} bpb",
-                flush=True,
-            )
-        rows.append({**ref, "budget": "time"})
+    rows = _run_all(args, shallow, p)
     if "tokens" not in args.budgets:
         rows = [r for r in rows if r["budget"] == "time" or r["arm"] == "e2e_shallow"]
     _print_table(rows)

@@ -20,7 +20,15 @@ FULL_DEPTH = N_STACKS * BLOCKS_PER_STACK
 UNTIED = {"model": {"tie_embeddings": False}}
 QLORA_TRUNK = {
     "training": {
-        "progressive": {"trunk_strategy": "qlora"},
+        "progressive": {"trunk_strategy": "qlora", "trunk_checkpointing": True},
+        "qlora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 1e-3},
+    }
+}
+
+# consolidation_steps is set to a fifth of the run's steps by arm_config.
+CONSOLIDATE = {
+    "training": {
+        "progressive": {"consolidation_steps": 0.2, "trunk_checkpointing": True},
         "qlora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 1e-3},
     }
 }
@@ -63,6 +71,10 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "prog_copy_back": (
         "copy init, back-loaded stage budget",
         _prog(UNTIED, _init("copy"), _budget("back_loaded")),
+    ),
+    "prog_copy_consolidate": (
+        "copy init, then 20% of the steps on all stacks through LoRA on NF4",
+        _prog(UNTIED, _init("copy"), CONSOLIDATE),
     ),
     "prog_copy_qlora": (
         "copy init, NF4 trunk with LoRA adapters",
@@ -131,6 +143,9 @@ def arm_config(name: str, steps: int, tokenizer: str = "bytes", shallow_depth: i
         )
     else:
         raw = _merge(raw, ARMS[name][1])
+        prog = raw["training"]["progressive"]
+        if isinstance(prog.get("consolidation_steps"), float):
+            prog["consolidation_steps"] = max(1, int(steps * prog["consolidation_steps"]))
     return StackWiseConfig.from_dict(raw).validate()
 
 

@@ -77,12 +77,28 @@ class Meter:
             t.untyped_storage().data_ptr() for t in [*rack.parameters(), *rack.buffers()]
         }
         self.saved_peak = 0
+        self.recompute_bytes = self._recompute_bytes(rack)
         self.train_s += info["cache_fill_s"]
         cache = self.trainer.cache
         self._cache_bytes = 0
         if info["stage"] > 0 and cache is not None:
             s = cache.memory_stats()
             self._cache_bytes = int(s["bytes_in_memory"] + s["bytes_on_disk"])
+
+    def _recompute_bytes(self, rack) -> int:
+        """What checkpointed stacks hold that the saved-tensor hooks do not see: each one's
+        input (kept for the backward pass) plus, while one is recomputed, its saved tensors
+        (measured by running the first such stack once with gradients)."""
+        stacks = [s for s in rack.stacks if getattr(s, "recompute", False)]
+        if not stacks:
+            return 0
+        cfg = self.trainer.config
+        shape = (cfg.training.batch_size, cfg.training.seq_len, cfg.model.d_model)
+        x = torch.randn(shape, requires_grad=True)
+        seen: dict[int, int] = {}
+        with torch.autograd.graph.saved_tensors_hooks(self.pack(seen), lambda t: t):
+            stacks[0]._run(x, None)
+        return len(stacks) * x.numel() * x.element_size() + sum(seen.values())
 
     def on_step(self, info: dict) -> None:
         self.train_s += info["step_ms"] / 1e3
@@ -111,7 +127,8 @@ class Meter:
             "param_bytes": params,
             "grad_bytes": _nbytes(trainable),
             "optimizer_bytes": _nbytes(state),
-            "saved_activation_bytes": self.saved_peak,
+            "saved_activation_bytes": self.saved_peak + self.recompute_bytes,
+            "recompute_bytes": self.recompute_bytes,
             "cache_bytes": self._cache_bytes,
         }
         row["accel_bytes"] = (
@@ -189,5 +206,6 @@ def run_arm(name: str, steps: int, args, shallow: int, eval_every: int) -> dict[
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "parameters": res["rack"].num_parameters(),
         "stages": meter.stages,
+        "phases": [h.get("phase", "stage") for h in res["history"]],
         "curve": meter.curve,
     }

@@ -7,6 +7,7 @@
     stackwise export --run-dir DIR --format hf OUT [--adapters merge|peft] [--dtype D]
     stackwise bench op [NAME ...] | e2e [ARGS ...]
     stackwise info [--json]
+    stackwise plan --config FILE [--device-memory 80GB] [--end-to-end] [--json] [key=value ...]
     stackwise config show|validate FILE [key=value ...]
     stackwise config reference [--update README.md]
 
@@ -62,6 +63,23 @@ def _config_command(args: argparse.Namespace) -> int:
         sys.stdout.write(config.to_yaml())
     else:
         print(f"{args.file}: valid")
+    return 0
+
+
+def _plan_command(args: argparse.Namespace) -> int:
+    from stackwise.config.base import StackWiseConfig
+    from stackwise.run.plan import parse_bytes, plan_memory
+
+    if args.config is None:
+        raise _UsageError("plan needs --config FILE")
+    config = StackWiseConfig.from_yaml(args.config, overrides=args.overrides)
+    config.validate()
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    plan = plan_memory(config, memory, end_to_end=args.end_to_end)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        sys.stdout.write(plan.table())
     return 0
 
 
@@ -325,7 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--run-dir", metavar="DIR", required=True)
     gen.add_argument("--prompt", required=True, metavar="TEXT")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
+    gen.add_argument(
+        "--max-new-tokens",
+        type=_new_tokens,
+        default=64,
+        metavar="N",
+        help="tokens to generate, at most 65536 per call",
+    )
     gen.add_argument(
         "--temperature", type=_non_negative_float, default=0.8, metavar="T", help="0: greedy"
     )
@@ -369,6 +393,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
     bench.set_defaults(func=_bench_command)
 
+    plan = sub.add_parser(
+        "plan",
+        help="accelerator memory of each stage of a progressive run, without allocating it",
+        description="Build the rack of a configuration on the meta device, stage by stage as the "
+        "progressive trainer does, and print per stage the bytes of frozen weights (by "
+        "precision), trainable weights, gradients, optimizer state and saved activations (with "
+        "and without activation checkpointing), the activation cache's host/disk footprint, and "
+        "whether the stage fits in --device-memory.",
+    )
+    plan.add_argument("--config", metavar="FILE", help="YAML configuration (see configs/)")
+    _add_overrides(plan)
+    plan.add_argument(
+        "--device-memory", metavar="SIZE", help="accelerator memory, e.g. 80GB (GB means GiB)"
+    )
+    plan.add_argument(
+        "--end-to-end", action="store_true", help="plan the whole rack trained at once instead"
+    )
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=_plan_command)
+
     info = sub.add_parser("info", help="versions, build record, ops and their kernels, GPUs")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_info_command)
@@ -394,6 +438,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _new_tokens(text: str) -> int:
+    """--max-new-tokens, checked against the documented bound before the run is loaded."""
+    from stackwise.run.generate import MAX_NEW_TOKENS
+
+    value = _positive_int(text)
+    if value > MAX_NEW_TOKENS:
+        raise argparse.ArgumentTypeError(
+            f"{value} exceeds the limit of {MAX_NEW_TOKENS} tokens per call"
+        )
     return value
 
 

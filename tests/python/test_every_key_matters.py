@@ -140,6 +140,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "training.progressive.steps_per_stack": ([], ["training.progressive.steps_per_stack=1"]),
     "training.progressive.new_stack_init": ([], ["training.progressive.new_stack_init=identity"]),
+    "training.progressive.consolidation_steps": (
+        [],
+        ["training.progressive.consolidation_steps=1"],
+    ),
     "training.progressive.stage_budget": (
         ["training.progressive.steps_per_stack=null", "training.max_steps=6"],
         ["training.progressive.stage_budget=front_loaded"],
@@ -200,6 +204,9 @@ ELSEWHERE = {
     "model.tokenizer_embedding.adapter": "a pretrained table's projection: test_lexical.py",
     "model.tokenizer_embedding.adapter_hidden_dim": "that projection's width: test_lexical.py",
     "training.total_blocks": "FusionTrainer(config) building its model: test_fusion_trainer.py",
+    "training.progressive.trunk_checkpointing": (
+        "same numbers, less memory: training/test_consolidation.py (which stacks recompute)"
+    ),
     "training.init_from": "a pretrained model folder: run/test_init_from.py",
     "training.distributed.strategy": "torchrun jobs only: training/test_distributed.py",
     "training.distributed.backend": "torchrun jobs only: training/test_distributed.py",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -15,10 +16,29 @@ import yaml
 
 from stackwise.exceptions import ConfigurationError
 
+# The largest integer any configuration value may take (int64 arithmetic in torch, sizes in the
+# native kernels): a larger one is a typo, never a size.
+INT_LIMIT = 2**62
+
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also resolves exponent numbers without a dot (``1e-4``, ``5E3``) as
-    floats; plain YAML 1.1 reads them as strings."""
+    floats (plain YAML 1.1 reads them as strings), and refuses a mapping that repeats a key
+    (plain YAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigurationError(
+                    f"duplicate key {key!r} on line {line} (first set on line {seen[key]})"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -130,12 +150,18 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigurationError(
                 f"expected a number, got {type(value).__name__} {value!r}", key
             )
+        if isinstance(value, int) and abs(value) > INT_LIMIT:
+            raise ConfigurationError(f"{value} is out of range (at most {INT_LIMIT})", key)
+        if not math.isfinite(value):
+            raise ConfigurationError(f"must be a finite number, got {value!r}", key)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigurationError(
                 f"expected an integer, got {type(value).__name__} {value!r}", key
             )
+        if abs(value) > INT_LIMIT:
+            raise ConfigurationError(f"{value} is out of range (at most {INT_LIMIT})", key)
         return value
     if tp is bool:
         if not isinstance(value, bool):

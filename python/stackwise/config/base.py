@@ -151,6 +151,8 @@ class ProgressiveConfig:
     steps_per_stack: int | None = None
     new_stack_init: str = choice("auto", ("auto", "random", "identity", "copy"))
     stage_budget: str = choice("uniform", ("uniform", "front_loaded", "back_loaded"))
+    consolidation_steps: int = 0
+    trunk_checkpointing: bool = False
 
 
 @dataclass
@@ -274,7 +276,7 @@ KEY_ALIASES = {
 }
 
 
-def _resolve_aliases(raw: dict[str, Any]) -> dict[str, Any]:
+def _resolve_aliases(raw: dict[str, Any], written_as: dict[str, str]) -> dict[str, Any]:
     for alias, target in KEY_ALIASES.items():
         a_sec, a_key = alias.split(".")
         t_sec, t_key = target.split(".")
@@ -283,6 +285,7 @@ def _resolve_aliases(raw: dict[str, Any]) -> dict[str, Any]:
             if t_key in raw.get(t_sec, {}):
                 raise ConfigurationError(f"both {alias} and {target} are set; keep one", alias)
             raw.setdefault(t_sec, {})[t_key] = sec.pop(a_key)
+            written_as[target] = alias
     return raw
 
 
@@ -377,15 +380,20 @@ class StackWiseConfig:
             raise ConfigurationError(
                 f"the configuration must be a mapping, got {type(raw).__name__}"
             )
+        override_names: dict[str, str] = {}
         for item in overrides:
             key, sep, text = str(item).partition("=")
             if not sep or not key.strip():
                 raise ConfigurationError(f"override {item!r} is not of the form key.sub=value")
-            key = KEY_ALIASES.get(key.strip(), key.strip())
+            key = key.strip()
+            if key in KEY_ALIASES:
+                override_names[KEY_ALIASES[key]] = key
+                key = KEY_ALIASES[key]
             _schema.set_dotted(raw, key, _schema.yaml_load(text) if text.strip() else None)
         check_removed(raw)
         raw, written_as = translate_original_layout(raw)
-        raw = _resolve_aliases(raw)
+        written_as.update(override_names)
+        raw = _resolve_aliases(raw, written_as)
         if isinstance(raw.get("model"), dict):
             _apply_preset(raw["model"])
             _derive_n_layers(raw["model"])
@@ -402,10 +410,17 @@ class StackWiseConfig:
         if not p.is_file():
             raise ConfigurationError(f"config file {p} does not exist")
         try:
-            data = _schema.yaml_load(p.read_text())
+            data = _schema.yaml_load(p.read_text(encoding="utf-8"))
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{p}: {exc}") from None
         except Exception as exc:  # yaml.YAMLError and decoding errors
             raise ConfigurationError(f"{p} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data or {}, overrides)
+        if data is None:
+            raise ConfigurationError(
+                f"{p} is empty (or holds only comments): give at least one section "
+                "(model, training, data); `stackwise config reference` lists every key"
+            )
+        return cls.from_dict(data, overrides)
 
     # -- output ---------------------------------------------------------------------------------
 

@@ -10,10 +10,27 @@ configuration through its attributes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from stackwise.config._schema import field_choices
 from stackwise.exceptions import ConfigurationError
+
+# Upper bounds on sizes, named in the configuration reference. Beyond them a value is a typo
+# that would fail late (an OverflowError, or an allocation of terabytes), not a model.
+SIZE_LIMITS: dict[str, int] = {
+    "model.vocab_size": 2**31 - 1,
+    "model.d_model": 2**20,
+    "model.n_layers": 2**16,
+    "model.n_heads": 2**16,
+    "model.n_kv_heads": 2**16,
+    "model.d_ff": 2**22,
+    "model.max_seq_len": 2**24,
+    "training.batch_size": 2**24,
+    "training.seq_len": 2**24,
+}
+# The most parameters a rack may hold (about 1.1e12; the largest dense models are below this).
+MAX_PARAMETERS = 2**40
 
 
 class _Checker:
@@ -52,6 +69,22 @@ def _check_choices(c: _Checker, section: Any, prefix: str) -> None:
             c.choice(key, value, allowed)
         elif dataclasses.is_dataclass(value):
             _check_choices(c, value, key)
+        elif isinstance(value, float) and not math.isfinite(value):
+            c.fail(key, f"must be a finite number, got {value!r}")
+        elif isinstance(value, tuple):
+            for i, v in enumerate(value):
+                if isinstance(v, float) and not math.isfinite(v):
+                    c.fail(f"{key}[{i}]", f"must be a finite number, got {v!r}")
+        limit = SIZE_LIMITS.get(key)
+        if limit is not None and isinstance(value, int) and value > limit:
+            c.fail(key, f"{value} exceeds the limit of {limit}")
+
+
+def _parameter_estimate(m: Any) -> int:
+    """Roughly the parameters of the rack: embeddings, position table, attention and SwiGLU."""
+    d = m.d_model
+    table = m.vocab_size * d + (0 if m.use_rope else m.max_seq_len * d)
+    return table + m.n_layers * (4 * d * d + 3 * d * m.d_ff)
 
 
 def _check_model(c: _Checker, m) -> None:
@@ -68,6 +101,14 @@ def _check_model(c: _Checker, m) -> None:
     c.positive("model.norm_eps", m.norm_eps)
     c.fraction("model.dropout", m.dropout, upper_open=True)
     c.positive("model.rope_theta", m.rope_theta)
+    if all(0 < getattr(m, k) <= SIZE_LIMITS[f"model.{k}"] for k in ("vocab_size", "d_model")):
+        params = _parameter_estimate(m)
+        if params > MAX_PARAMETERS:
+            c.fail(
+                "model.d_model",
+                f"the rack would hold about {params:.3g} parameters, more than the limit of "
+                f"{MAX_PARAMETERS:.3g}",
+            )
     if m.head_dim is not None:
         c.positive("model.head_dim", m.head_dim)
         if m.attention_type not in ("standard", "mha", "gqa"):
@@ -161,6 +202,19 @@ def _check_training(c: _Checker, t, model) -> None:
     p = t.progressive
     c.positive("training.progressive.target_stacks", p.target_stacks)
     c.positive("training.progressive.epochs_per_stack", p.epochs_per_stack)
+    c.non_negative("training.progressive.consolidation_steps", p.consolidation_steps)
+    if p.consolidation_steps and t.max_steps > 0 and p.consolidation_steps >= t.max_steps:
+        c.fail(
+            "training.progressive.consolidation_steps",
+            f"{p.consolidation_steps} leaves no step of training.max_steps={t.max_steps} "
+            "for the stages",
+        )
+    if p.consolidation_steps and (p.building_mode != "append" or p.training_objective != "clm"):
+        c.fail(
+            "training.progressive.consolidation_steps",
+            "the consolidation phase is implemented for building_mode 'append' with the "
+            "'clm' objective",
+        )
     if p.steps_per_stack is not None:
         c.positive("training.progressive.steps_per_stack", p.steps_per_stack)
     if p.time_interpretation == "input" and p.training_objective == "clm":

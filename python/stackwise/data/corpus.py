@@ -10,9 +10,15 @@ Sources (``DataConfig.corpus``):
   ``.jsonl`` file whose lines hold a ``text_field`` (documents split by a hash of their name).
 
 Token ids are stored in ``<cache>/<corpus>-<tokenizer>-<digest>.{train,val}.bin`` (uint16 when the
-vocabulary fits, else uint32) with a JSON record beside them; the digest covers the source text,
-the tokenizer and the text-extraction version, so a changed source makes a new cache and an
-unchanged one is reused. Cache folder: ``$STACKWISE_CACHE_DIR`` or ``~/.cache/stackwise``.
+vocabulary fits, else uint32) with a JSON record ``<same name>.json`` beside them holding the
+token counts and the SHA-256 of each ``.bin``; the digest covers the source text, the tokenizer
+and the text-extraction version, so a changed source makes a new cache and an unchanged one is
+reused. A cache whose record is unreadable or whose files fail their size or SHA-256 check is
+reported (a warning) and rebuilt, never used. Cache folder: ``$STACKWISE_CACHE_DIR`` or
+``~/.cache/stackwise``.
+
+A file that is not UTF-8, and a corpus whose documents are all empty, are refused with a
+:class:`~stackwise.exceptions.ConfigurationError` naming the file.
 """
 
 from __future__ import annotations
@@ -22,15 +28,17 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from stackwise._io import atomic_write_bytes, atomic_write_text
+from stackwise._io import atomic_write_bytes, atomic_write_text, sha256_file
 from stackwise.exceptions import ConfigurationError
 
 _EXTRACT_VERSION = 1  # bump when the text extraction changes, to invalidate caches
+_CACHE_FORMAT = 2  # 2: records carry the SHA-256 of each .bin file
 
 
 @dataclass
@@ -101,10 +109,10 @@ def local_documents(path: Path, text_field: str) -> list[Document]:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise ConfigurationError(f"corpus folder {path} holds no .txt file", "data.corpus")
-        return [Document(str(p.relative_to(path)), p.read_text(encoding="utf-8")) for p in files]
+        return [Document(str(p.relative_to(path)), _read_text(p)) for p in files]
     if path.suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for n, line in enumerate(_read_text(path).splitlines()):
             if not line.strip():
                 continue
             try:
@@ -119,15 +127,38 @@ def local_documents(path: Path, text_field: str) -> list[Document]:
                 )
             docs.append(Document(f"line{n + 1}", rec[text_field]))
         return docs
-    return [Document(path.name, path.read_text(encoding="utf-8"))]
+    return [Document(path.name, _read_text(path))]
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, or ConfigurationError naming the file and the first byte that is not
+    UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r}); "
+            "convert it first, e.g. iconv -f LATIN1 -t UTF-8",
+            "data.corpus",
+        ) from None
 
 
 def load_documents(corpus: str, text_field: str = "text") -> list[Document]:
+    """The corpus's documents; ConfigurationError when none holds any text (a corpus of empty
+    documents would train on end-of-text tokens alone)."""
     if corpus == "shakespeare":
-        return shakespeare_documents()
-    if corpus == "pydoc":
-        return pydoc_documents()
-    return local_documents(Path(corpus).expanduser(), text_field)
+        docs = shakespeare_documents()
+    elif corpus == "pydoc":
+        docs = pydoc_documents()
+    else:
+        docs = local_documents(Path(corpus).expanduser(), text_field)
+    if not any(d.text.strip() for d in docs):
+        raise ConfigurationError(
+            f"corpus {corpus!r} holds no text: all {len(docs)} document(s) are empty",
+            "data.corpus",
+        )
+    return docs
 
 
 def split_documents(
@@ -166,20 +197,10 @@ def tokenized_corpus(
     digest = h.hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name or corpus)
     base = cache_dir() / f"{safe}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', tokenizer.name)}-{digest}"
-    meta_path = base.with_suffix(".json")
+    cached = _load_cache(base, digest)
+    if cached is not None:
+        return cached
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
-    if meta_path.is_file():
-        record = json.loads(meta_path.read_text())
-        arrays = [
-            np.memmap(f"{base}.{part}.bin", dtype=record["dtype"], mode="r")
-            if record[f"{part}_tokens"]
-            else np.zeros(0, dtype=record["dtype"])
-            for part in ("train", "val")
-        ]
-        if all(
-            len(a) == record[f"{p}_tokens"] for a, p in zip(arrays, ("train", "val"), strict=True)
-        ):
-            return TokenizedCorpus(arrays[0], arrays[1], record)
     if len(docs) == 1:
         ids = np.asarray(tokenizer.encode(docs[0].text), dtype=dtype)
         cut = int(len(ids) * (1 - val_fraction))
@@ -195,17 +216,69 @@ def tokenized_corpus(
             ]
             parts[part] = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
             names[part] = [d.name for d in ds]
-    for part, arr in parts.items():
-        atomic_write_bytes(f"{base}.{part}.bin", arr.tobytes())
     record = {
+        "format": _CACHE_FORMAT,
         "corpus": corpus,
         "tokenizer": tokenizer.name,
         "digest": digest,
         "dtype": np.dtype(dtype).name,
         "train_tokens": int(len(parts["train"])),
         "val_tokens": int(len(parts["val"])),
+        "sha256": {p: hashlib.sha256(a.tobytes()).hexdigest() for p, a in parts.items()},
         "train_documents": names["train"],
         "val_documents": names["val"],
     }
-    atomic_write_text(meta_path, json.dumps(record, indent=2))
+    for part, arr in parts.items():
+        atomic_write_bytes(f"{base}.{part}.bin", arr.tobytes())
+    atomic_write_text(f"{base}.json", json.dumps(record, indent=2))
     return TokenizedCorpus(parts["train"], parts["val"], record)
+
+
+def _load_cache(base: Path, digest: str) -> TokenizedCorpus | None:
+    """The cached token ids of ``base``, or None when there is no cache to trust: none yet, an
+    older format, metadata that is not what this module writes, or a file whose size or SHA-256
+    differs from its record (then a warning says so and the caller rebuilds it)."""
+    meta_path = Path(f"{base}.json")
+    if not meta_path.is_file():
+        return None
+    try:
+        record = json.loads(meta_path.read_text(encoding="utf-8"))
+        problem = _record_problem(record, digest)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problem = f"its metadata is not JSON ({exc})"
+    arrays = []
+    for part in ("train", "val"):
+        if problem:
+            break
+        path = Path(f"{base}.{part}.bin")
+        n, dtype = record[f"{part}_tokens"], np.dtype(record["dtype"])
+        if not n:
+            arrays.append(np.zeros(0, dtype=dtype))
+        elif not path.is_file() or path.stat().st_size != n * dtype.itemsize:
+            problem = f"{path.name} is missing or not {n} tokens long"
+        elif sha256_file(path) != record["sha256"][part]:
+            problem = f"{path.name} does not match its SHA-256"
+        else:
+            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+    if problem:
+        warnings.warn(
+            f"token cache {meta_path} is unusable ({problem}); tokenizing again", stacklevel=3
+        )
+        return None
+    return TokenizedCorpus(arrays[0], arrays[1], record)
+
+
+def _record_problem(record: object, digest: str) -> str:
+    """What is wrong with a cache record ('' when nothing)."""
+    if not isinstance(record, dict) or record.get("format") != _CACHE_FORMAT:
+        return "its metadata is of another format"
+    if record.get("digest") != digest or record.get("dtype") not in ("uint16", "uint32"):
+        return "its metadata names another digest or dtype"
+    sums = record.get("sha256")
+    for part in ("train", "val"):
+        n = record.get(f"{part}_tokens")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            return f"its {part}_tokens is not a token count"
+        if not isinstance(sums, dict) or not isinstance(sums.get(part), str):
+            return f"its metadata has no SHA-256 of {part}"
+    return ""

@@ -134,12 +134,20 @@ class HFTokenizer:
                 raise ConfigurationError(
                     f"{p} holds neither tokenizer.json nor vocab.txt", "data.tokenizer"
                 )
-        if p.name.endswith(".json"):
-            self._tok = Tokenizer.from_file(str(p))
-        else:
-            from tokenizers.implementations import BertWordPieceTokenizer
+        try:
+            if p.name.endswith(".json"):
+                self._tok = Tokenizer.from_file(str(p))
+            else:
+                from tokenizers.implementations import BertWordPieceTokenizer
 
-            self._tok = BertWordPieceTokenizer(str(p), lowercase=True)
+                self._tok = BertWordPieceTokenizer(str(p), lowercase=True)
+        except Exception as exc:  # the library raises plain Exceptions with its parser's text
+            what = "tokenizer.json" if p.name.endswith(".json") else "WordPiece vocab.txt"
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigurationError(
+                f"{p} is not a {what} the tokenizers library can read ({detail})",
+                "data.tokenizer",
+            ) from None
         self.name = str(p)
         self._init_ids()
 
@@ -177,6 +185,20 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def gguf_tokenizer(path: Path) -> HFTokenizer:
+    """The tokenizer of a GGUF model file, rebuilt from its ``tokenizer.ggml.*`` metadata by
+    ``transformers``."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers raises many kinds on unsupported metadata
+        raise ConfigurationError(
+            f"{path}: the tokenizer could not be rebuilt: {exc}", "data.tokenizer"
+        ) from None
+    return HFTokenizer.from_tokenizer(tok.backend_tokenizer, str(path))
+
+
 _CACHE: dict[str, object] = {}
 
 
@@ -191,8 +213,6 @@ def get_tokenizer(name_or_path: str):
     elif key in ("bytes", "byte"):
         tok = ByteTokenizer()
     elif Path(key).is_file() and key.lower().endswith(".gguf"):
-        from stackwise.model.hf_gguf import gguf_tokenizer
-
         tok = gguf_tokenizer(Path(key))
     elif Path(key).exists():
         tok = HFTokenizer(key)

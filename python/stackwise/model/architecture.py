@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from stackwise._io import atomic_write_bytes, sha256_file, verify_manifest
@@ -86,11 +87,21 @@ class Stack(nn.Module):
         if not blocks:
             raise ModelError("a stack needs at least one block")
         self.blocks = nn.ModuleList(blocks)
+        # Activation checkpointing: with gradients on, keep only the stack's input and recompute
+        # the inside in the backward pass (training.progressive.trunk_checkpointing sets it).
+        self.recompute = False
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def _run(self, x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         for block in self.blocks:
             x = block(x, key_padding_mask)
         return x
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(
+                self._run, x, key_padding_mask, use_reentrant=False
+            )
+        return self._run(x, key_padding_mask)
 
     def __len__(self) -> int:
         return len(self.blocks)

@@ -159,19 +159,6 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict, dict[str, Tensor]]:
     return hf, tensors
 
 
-def gguf_tokenizer(path: Path):
-    """The file's tokenizer as a stackwise :class:`HFTokenizer` (built by ``transformers``)."""
-    from transformers import AutoTokenizer
-
-    from stackwise.data.tokenizers import HFTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as exc:  # transformers raises many kinds on unsupported metadata
-        raise ModelError(f"{path}: the tokenizer could not be rebuilt: {exc}") from None
-    return HFTokenizer.from_tokenizer(tok.backend_tokenizer, str(path))
-
-
 def load_gguf(path: str | os.PathLike[str], blocks_per_stack: int | None = None):
     """A :class:`PretrainedModel` from a Llama GGUF file."""
     from stackwise.model.hf import PretrainedModel, model_config_from_hf, rack_from_tensors
@@ -181,7 +168,11 @@ def load_gguf(path: str | os.PathLike[str], blocks_per_stack: int | None = None)
     tokenizer_model = hf.pop("_tokenizer_model")
     cfg = model_config_from_hf(hf, str(source), blocks_per_stack)
     rack = rack_from_tensors(cfg, tensors, {k: str(source) for k in tensors})
-    tokenizer = gguf_tokenizer(source) if tokenizer_model else None
+    tokenizer = None
+    if tokenizer_model:
+        from stackwise.data.tokenizers import gguf_tokenizer
+
+        tokenizer = gguf_tokenizer(source)
     return PretrainedModel(rack, tokenizer, source, hf)
 
 

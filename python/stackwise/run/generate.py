@@ -23,6 +23,9 @@ step, following the sampler's schedule: the depth sampler's step i gets r_i, the
 stack i's stage; the diffusion sampler's step t of T gets t/T,
 the expected masked fraction of the generated positions at that step.
 
+One request generates at most :data:`MAX_NEW_TOKENS` tokens (65,536), checked before any work:
+a larger request is a typo (it would run for hours); generate in several calls instead.
+
 Sampling: ``temperature`` 0 is greedy; otherwise softmax(logits / temperature) after top-k and
 top-p (nucleus) filtering. Mask and pad ids are never produced. Everything random is drawn from
 one ``torch.Generator`` seeded with ``seed``, so a seed fixes the output.
@@ -37,6 +40,16 @@ from stackwise.exceptions import ConfigurationError
 from stackwise.model.attention import KVCache
 
 SAMPLERS = ("ar", "depth", "diffusion")
+MAX_NEW_TOKENS = 65536
+
+
+def check_max_new_tokens(n: object) -> int:
+    """``n`` if it is a whole number in [1, :data:`MAX_NEW_TOKENS`], else ConfigurationError."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
+        raise ConfigurationError(
+            f"must be a whole number in [1, {MAX_NEW_TOKENS}], got {n!r}", "--max-new-tokens"
+        )
+    return n
 
 
 def filter_logits(
@@ -113,6 +126,7 @@ def generate_causal(
     banned=(),
 ) -> list[int]:
     """Prompt + ``max_new_tokens`` sampled tokens (see the module docstring)."""
+    check_max_new_tokens(max_new_tokens)
     if not prompt_ids:
         raise ConfigurationError("the prompt encodes to no token; give some text", "--prompt")
     limit = rack.config.max_seq_len
@@ -160,8 +174,7 @@ def _time(rack, level: float, device) -> Tensor | None:
 
 def _masked_start(rack, prompt_ids, max_new_tokens, mask_id) -> tuple[Tensor, int]:
     limit = rack.config.max_seq_len
-    if max_new_tokens < 1:
-        raise ConfigurationError("must be >= 1", "--max-new-tokens")
+    check_max_new_tokens(max_new_tokens)
     if len(prompt_ids) + max_new_tokens > limit:
         raise ConfigurationError(
             f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceed the rack's "

@@ -114,6 +114,14 @@ DESCRIPTIONS: dict[str, str] = {
         "random, identity (zeroed output projections: adding it leaves the rack's output "
         "unchanged) or copy (of the stack it joins)"
     ),
+    "training.progressive.consolidation_steps": (
+        "steps after the last stage training every stack jointly through LoRA on NF4 "
+        "weights (with the final norm and an untied head); part of max_steps"
+    ),
+    "training.progressive.trunk_checkpointing": (
+        "recompute the activations of the stacks a stage does not train in the backward "
+        "pass (bounds a qlora trunk's and the consolidation phase's memory)"
+    ),
     "training.progressive.stage_budget": (
         "split of max_steps over the stages: uniform, front_loaded (stage k of n gets n - k "
         "shares) or back_loaded (k + 1 shares)"
@@ -186,6 +194,7 @@ def config_reference() -> str:
     """The markdown reference of every configuration key."""
     from stackwise.config._schema import field_choices
     from stackwise.config.base import StackWiseConfig
+    from stackwise.config.validation import SIZE_LIMITS
 
     parts: list[str] = []
     for prefix, cls in _sections(StackWiseConfig, "")[1:]:
@@ -202,6 +211,8 @@ def config_reference() -> str:
             allowed = field_choices(f)
             if allowed is not None:
                 desc += ("; " if desc else "") + "one of " + ", ".join(allowed)
+            if key in SIZE_LIMITS:
+                desc += ("; " if desc else "") + f"at most {SIZE_LIMITS[key]:,}"
             parts.append(f"| `{key}` | {_type_name(hints[f.name])} | {_default(f)} | {desc} |")
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"

@@ -11,6 +11,7 @@
       plots/loss.png     train and validation loss over global steps, stage boundaries marked
       plots/memory.png   peak memory per stage
       summary.json       final figures; summary.md the same for people
+      .lock              held (flock) by the stackwise train process using the folder
 
 An existing folder is refused unless the run resumes (``--resume``) or replaces it
 (``--overwrite``), so a finished run is never clobbered by accident.
@@ -112,6 +113,11 @@ class RunDirectory:
             raise ConfigurationError("--resume and --overwrite exclude each other")
         if self.root.exists() and not self.root.is_dir():
             raise ConfigurationError(f"{self.root} exists and is not a folder", "--run-dir")
+        blocker = next((p for p in self.root.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigurationError(
+                f"cannot create {self.root}: {blocker} is a file, not a folder", "--run-dir"
+            )
         if resume:
             if not self.is_run():
                 raise ConfigurationError(

@@ -78,12 +78,14 @@ def train_run(
         run_dir = str(default_run_dir(config_path))
     from stackwise.data import create_data_loaders
     from stackwise.data.tokenizers import get_tokenizer
+    from stackwise.run.evaluate import resolve_device
 
     run = RunDirectory(run_dir)
     if resume and overwrite:
         raise ConfigurationError("--resume and --overwrite exclude each other")
     # Everything that can be wrong with the input is found before the run directory is touched.
     config = _load_config(config_path, overrides, run, resume)
+    resolve_device(config.training.device)  # 'cuda' with no GPU visible is refused here
     tok = get_tokenizer(config.data.tokenizer)
     _check_tokenizer(config, tok)
     # Under torchrun (WORLD_SIZE > 1) this joins the job; for one process it changes nothing.

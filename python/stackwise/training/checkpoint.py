@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from stackwise._io import atomic_write_bytes, atomic_write_text, sha256_file
-from stackwise.exceptions import TrainingError
+from stackwise._io import atomic_write_bytes, atomic_write_text, sha256_file, verify_manifest
+from stackwise.exceptions import CacheCorruptionError, TrainingError
 from stackwise.training.optim import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 _FILES_V1 = ("model.safetensors", "rng.safetensors", "builder.json", "trainer.json")
@@ -261,7 +261,10 @@ def _verified(folder: Path) -> dict[str, str]:
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise TrainingError(f"checkpoint {folder} is incomplete (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
+    try:  # a JSON object of relative names inside the folder -> SHA-256 (hashed just below)
+        manifest = verify_manifest(folder, digests=False)
+    except CacheCorruptionError as exc:
+        raise TrainingError(f"checkpoint {folder} cannot be trusted: {exc}") from None
     for name in sorted(set(manifest) | set(_FILES_V1)):
         path = folder / name
         if not path.is_file():

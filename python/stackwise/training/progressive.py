@@ -57,6 +57,7 @@ from stackwise.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from stackwise.training.consolidation import consolidate, set_trunk_recompute
 from stackwise.training.distributed import DistributedContext, active_context
 from stackwise.training.growth import init_new_stack, stage_steps_share
 from stackwise.training.loop import TrainLoop, Unit, count_batches, rack_stacks
@@ -238,6 +239,10 @@ class ProgressiveTrainer:
             init_new_stack(rack_builder, new_idx, self.progressive.new_stack_init)
             rack_builder.rack.to(self.device)
             self._run_stage(rack_builder, dataloader, stage, plan, eval_loader, steps, n_batches)
+        cons = self.progressive.consolidation_steps
+        if cons and stopped is None and not any(h.get("phase") for h in self.history):
+            args = (dataloader, eval_loader, cons, plan)
+            self.history.append(consolidate(self, rack_builder, *args))
         return {
             "history": self.history,
             "final": self.history[-1] if self.history else {},
@@ -255,6 +260,7 @@ class ProgressiveTrainer:
         first = stage == 0
         qlora = self.progressive.trunk_strategy == "qlora"
         groups = self._stage_groups(builder, stage, plan, new_idx)
+        set_trunk_recompute(rack, {new_idx}, self.progressive.trunk_checkpointing)
         ratio = self.stage_ratio(stage, plan)
         # Which boundary the stage reads: append -> the trunk's output (its input with a qlora
         # trunk, whose adapters train); prepend -> the embeddings. Stage 0 reads raw ids, since
@@ -354,6 +360,8 @@ class ProgressiveTrainer:
         planned stages, else ``epochs_per_stack`` passes; never beyond what ``max_steps``
         leaves."""
         p, max_steps = self.progressive, self.training.max_steps
+        if max_steps:  # the consolidation phase takes its steps from the same budget
+            max_steps -= p.consolidation_steps
         accum = self.training.optimizer.grad_accumulation
         if p.steps_per_stack:
             steps = p.steps_per_stack

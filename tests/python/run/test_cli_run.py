@@ -91,6 +91,7 @@ def test_eval_command(trained_run, capsys):
     # every byte of this ASCII corpus is one token of the byte tokenizer
     assert result["bytes"] == result["tokens"]
     assert math.isclose(result["bits_per_byte"], result["loss"] / math.log(2), rel_tol=1e-9)
+    assert result["bits_per_byte_quantity"].startswith("next-token cross entropy")
     assert result["masked_accuracy"] is None and result["unigram_loss"] > 0
     summary = json.loads((run / "summary.json").read_text())
     assert math.isclose(result["loss"], summary["val_loss"], rel_tol=1e-5)

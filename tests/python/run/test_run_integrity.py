@@ -246,3 +246,16 @@ def test_read_metrics_refuses_a_damaged_line_and_skips_only_a_torn_last_one(tmp_
     w.write("eval", stage=0, step=3, global_step=3, eval_loss=1.0)
     w.close()
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("text", ["[]", "not json", '{"../../run.json": "' + "0" * 64 + '"}'])
+def test_a_damaged_checkpoint_manifest_is_one_clear_error(tmp_path, make_tiny, capsys, text):
+    cfg = make_tiny(tmp_path)
+    run = tmp_path / "run"
+    one = "training.progressive.target_stacks=1"
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run), one]) == 0
+    (run / "checkpoints" / "stage-000" / "manifest.json").write_text(text)
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage-000/manifest.json" in err[0], err
