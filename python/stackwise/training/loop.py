@@ -280,7 +280,9 @@ class TrainLoop:
                     loss = self.parallel.loss(unit.model, m, loss_fn)
                     value = loss.item()
                     if not math.isfinite(value):
-                        raise TrainingError(f"loss is {value} at {unit.label}, step {step}")
+                        raise TrainingError(
+                            f"loss is {value} at step {step} while training {unit.label}"
+                        )
                     scaled = loss * (weight * self.parallel.loss_scale)
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 step_loss += value * weight

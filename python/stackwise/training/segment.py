@@ -105,9 +105,11 @@ class SegmentTrainer:
         has_time = getattr(model, "time_embedding", None) is not None
         if has_time != self.step.input_time:
             raise TrainingError(
-                f"{label}: the model {'has' if has_time else 'has no'} time embedding but "
-                "training.progressive.time_interpretation is "
-                f"{'not ' if has_time else ''}'input'"
+                f"{label}: the rack is time-conditioned (it has a time embedding) but "
+                "training.progressive.time_interpretation is not 'input'"
+                if has_time
+                else f"{label}: training.progressive.time_interpretation is 'input' but the "
+                "rack has no time embedding to tell t"
             )
         if not 0 <= start < end <= len(modules):
             raise TrainingError(f"{label}: segment [{start}, {end}) is outside 0..{len(modules)}")

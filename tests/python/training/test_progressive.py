@@ -455,7 +455,9 @@ def test_nan_loss_names_stage_stack_and_step():
     trainer.train_rack(builder, _data(), target_stacks=1)
     with torch.no_grad():
         builder.rack.final_norm.weight[3] = float("nan")
-    with pytest.raises(TrainingError, match=r"loss is nan at stage 1 \(stack 1\), step 0"):
+    with pytest.raises(
+        TrainingError, match=r"loss is nan at step 0 while training stage 1 \(stack 1\)"
+    ):
         trainer.train_rack(builder, _data(), target_stacks=2)
 
 
