@@ -42,7 +42,7 @@ SPILL = ["training.caching.spill_dir=spill", "training.caching.max_cache_size=1"
 CASES: dict[str, tuple[list[str], list[str]]] = {
     "model.vocab_size": ([], ["model.vocab_size=300"]),
     "model.d_model": ([], ["model.d_model=48"]),
-    "model.n_layers": ([], ["model.n_layers=6", "model.architecture.n_stacks=3"]),
+    "model.n_layers": (HIER, ["model.n_layers=6", "model.architecture.n_stacks=3"]),
     "model.n_heads": ([], ["model.n_heads=2", "model.n_kv_heads=2"]),
     "model.n_kv_heads": (["model.attention_type=gqa"], ["model.n_kv_heads=2"]),
     "model.d_ff": ([], ["model.d_ff=96"]),
@@ -50,7 +50,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "model.attention_mode": (MLM, ["model.attention_mode=causal"]),
     "model.use_rope": ([], ["model.use_rope=false"]),
     "model.tie_embeddings": ([], ["model.tie_embeddings=false"]),
-    "model.attention_preset": ([], ["model.attention_preset=mla_attention"]),
+    "model.attention_preset": ([], ["model.attention_preset=kernel_attention"]),
     "model.attention_custom": ([], ["model.attention_custom={attention_type: kernel}"]),
     "model.rope_theta": ([], ["model.rope_theta=100.0"]),
     "model.max_seq_len": ([], ["model.max_seq_len=8"]),
@@ -59,7 +59,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "model.dropout": ([], ["model.dropout=0.3"]),
     "model.freeze_up_proj": ([], ["model.freeze_up_proj=true"]),
     "model.head_dim": ([], ["model.head_dim=4"]),
-    "model.architecture.n_stacks": ([], ["model.architecture.n_stacks=3", "model.n_layers=6"]),
+    "model.architecture.n_stacks": (HIER, ["model.architecture.n_stacks=3", "model.n_layers=6"]),
     "model.architecture.blocks_per_stack": (
         [],
         ["model.architecture.blocks_per_stack=1", "model.n_layers=2"],
@@ -72,7 +72,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["model.attention_type=kernel"],
         ["model.kernel.kernel_type=relu"],
     ),
-    "model.kernel.kernel_dim": (["model.attention_type=kernel"], ["model.kernel.kernel_dim=8"]),
+    "model.kernel.kernel_dim": (
+        ["model.attention_type=kernel", "model.kernel.kernel_type=softmax"],
+        ["model.kernel.kernel_dim=8"],
+    ),
     "model.kernel.seed": (
         ["model.attention_type=kernel", "model.kernel.kernel_type=softmax"],
         ["model.kernel.seed=7"],
@@ -189,7 +192,6 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "data.tokenizer": ([], ["data.tokenizer=gpt2", "model.vocab_size=50304"]),
     "data.val_fraction": ([], ["data.val_fraction=0.5"]),
     "data.seq_len": ([], ["data.seq_len=8"]),
-    "data.packing": ([], ["data.packing=false"]),
     "data.text_field": (
         ["data.corpus=docs.jsonl", "data.text_field=text"],
         ["data.text_field=body"],
@@ -214,7 +216,9 @@ ELSEWHERE = {
 }
 # A refused change counts as a change for these keys: they bound or place the run, or (for
 # qlora_enabled) say which sections are checked.
-REFUSAL_IS_THE_CHANGE = {"model.max_seq_len", "training.qlora_enabled"}
+# model.attention_mode is fixed by the objective for training (the other value is refused); it
+# is the rack's own mode for the Python API.
+REFUSAL_IS_THE_CHANGE = {"model.max_seq_len", "training.qlora_enabled", "model.attention_mode"}
 if not torch.cuda.is_available():
     REFUSAL_IS_THE_CHANGE.add("training.device")  # no GPU: cuda is refused
 

@@ -260,7 +260,6 @@ class DataConfig:
     tokenizer: str = "gpt2"
     val_fraction: float = 0.1
     seq_len: int | None = None
-    packing: bool = True
     text_field: str = "text"
 
 

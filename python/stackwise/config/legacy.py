@@ -155,6 +155,10 @@ REMOVED: dict[str, str] = {
         "activation cache's 'rack' mode); delete the key (CacheManager(cache_mode=...) remains "
         "for direct use)"
     ),
+    "data.packing": (
+        "removed: the loaders always pack the token stream (documents joined by the end-of-text "
+        "token) into windows of seq_len; delete the key"
+    ),
     "training.progressive.new_stack_precision": (
         "removed: the stack being trained keeps fp32 master weights; use training.dtype (bf16 "
         "or fp16) for mixed-precision compute, and training.quantization_type for the trunk"

@@ -155,7 +155,6 @@ DESCRIPTIONS: dict[str, str] = {
     "data.tokenizer": "gpt2, bytes, or a local tokenizer.json / vocab.txt",
     "data.val_fraction": "share of documents (of tokens for one file) held out for validation",
     "data.seq_len": "tokens per window (null: training.seq_len)",
-    "data.packing": "pack documents into fixed windows (always on)",
     "data.text_field": "field holding the text in a .jsonl corpus",
 }
 

@@ -191,3 +191,17 @@ def test_time_step_masking_off_masks_every_stage_alike():
 
     assert ratios(True) == pytest.approx([0.1, 0.5, 0.9])
     assert ratios(False) == pytest.approx([0.9, 0.9, 0.9])
+
+
+@pytest.mark.parametrize(
+    ("key", "use"),
+    [
+        ("training.caching.cache_mode=stack", "rack"),
+        ("training.progressive.new_stack_precision=bf16", "training.dtype"),
+        ("data.packing=false", "always pack"),
+    ],
+)
+def test_keys_that_did_nothing_are_refused_saying_why(key, use):
+    # Before: validated and ignored.
+    with pytest.raises(ConfigurationError, match=f"{key.split('=')[0]}: removed: .*{use}"):
+        StackWiseConfig.from_dict({}, overrides=[key])
