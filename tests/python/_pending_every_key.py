@@ -37,6 +37,7 @@ THREE = [
 MLM = ["training.progressive.training_objective=mlm", "model.attention_mode=bidirectional"]
 DIFF = ["training.progressive.training_objective=diffusion", "model.attention_mode=bidirectional"]
 HIER = ["training.progressive.enabled=false"]
+MLA = ["model.attention_type=mla", "model.mla.rope_head_dim=4", "model.mla.kv_rank=16"]
 FUSED = [*HIER, "training.mode=fused", "training.block_size=1"]
 SPILL = ["training.caching.spill_dir=spill", "training.caching.max_cache_size=1"]
 CASES: dict[str, tuple[list[str], list[str]]] = {
@@ -64,10 +65,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         [],
         ["model.architecture.blocks_per_stack=1", "model.n_layers=2"],
     ),
-    "model.mla.q_rank": (["model.attention_type=mla"], ["model.mla.q_rank=8"]),
-    "model.mla.kv_rank": (["model.attention_type=mla"], ["model.mla.kv_rank=8"]),
-    "model.mla.rope_head_dim": (["model.attention_type=mla"], ["model.mla.rope_head_dim=2"]),
-    "model.mla.v_head_dim": (["model.attention_type=mla"], ["model.mla.v_head_dim=4"]),
+    "model.mla.q_rank": (MLA, ["model.mla.q_rank=8"]),
+    "model.mla.kv_rank": (MLA, ["model.mla.kv_rank=8"]),
+    "model.mla.rope_head_dim": (MLA, ["model.mla.rope_head_dim=2"]),
+    "model.mla.v_head_dim": (MLA, ["model.mla.v_head_dim=4"]),
     "model.kernel.kernel_type": (
         ["model.attention_type=kernel"],
         ["model.kernel.kernel_type=relu"],

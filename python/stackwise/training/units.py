@@ -3,8 +3,8 @@
 - :func:`trainable_parameters`: the parameters of a module that may train, made trainable. A
   SwiGLU FFN built with ``freeze_up_proj`` keeps its up projection fixed (a random feature map,
   ``model.freeze_up_proj``), whatever the unit.
-- :func:`embedding_parameters`: token (and learned position) embeddings; a pretrained table
-  loaded frozen (``embedding_option: embed_tokens`` with ``freeze_embeddings``) never trains.
+- :func:`embedding_parameters`: token (and learned position) embeddings; a table built with
+  ``model.tokenizer_embedding.freeze_embeddings`` (learned or pretrained) never trains.
 - :func:`head_parameters`: the final norm and an untied LM head (a tied head is the embedding
   table, which trains, if at all, as an embedding).
 """
@@ -40,7 +40,7 @@ def embedding_parameters(rack, trains: bool) -> list[nn.Parameter]:
     """Set the embeddings' ``requires_grad`` to ``trains`` (a frozen pretrained table stays
     frozen); returns the ones that train."""
     table = rack.lexical.get_embeddings().table.weight
-    fixed_table = rack.lexical.embedding_option == "embed_tokens" and not table.requires_grad
+    fixed_table = getattr(rack.lexical, "freeze_embeddings", False)
     params = list(rack.lexical.get_embeddings().parameters())
     if rack.position is not None:
         params.append(rack.position.weight)
