@@ -81,10 +81,6 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["model.attention_type=kernel", "model.kernel.kernel_type=softmax"],
         ["model.kernel.seed=7"],
     ),
-    "model.tokenizer_embedding.freeze_embeddings": (
-        [],
-        ["model.tokenizer_embedding.freeze_embeddings=true"],
-    ),
     "training.mode": (HIER, ["training.mode=stackwise"]),
     "training.block_size": ([*HIER, "training.mode=blockwise"], ["training.block_size=1"]),
     "training.fusion_mode": (FUSED, ["training.fusion_mode=trainable"]),
@@ -200,12 +196,13 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
 }
 # Keys whose change shows only where a tiny run cannot go; each names the test that shows it.
 ELSEWHERE = {
-    "model.tokenizer_embedding.family": "a pretrained table (embed_tokens): test_lexical.py",
-    "model.tokenizer_embedding.embedding_option": "loads a pretrained table: test_lexical.py",
-    "model.tokenizer_embedding.path": "the pretrained table's file: test_lexical.py",
-    "model.tokenizer_embedding.embedding_dim": "a pretrained table's width: test_lexical.py",
-    "model.tokenizer_embedding.adapter": "a pretrained table's projection: test_lexical.py",
-    "model.tokenizer_embedding.adapter_hidden_dim": "that projection's width: test_lexical.py",
+    "model.tokenizer_embedding.family": "a pretrained table (embed_tokens): model/test_ffn_lexical.py",
+    "model.tokenizer_embedding.embedding_option": "loads a pretrained table: model/test_ffn_lexical.py",
+    "model.tokenizer_embedding.path": "the pretrained table's file: model/test_ffn_lexical.py",
+    "model.tokenizer_embedding.freeze_embeddings": "a pretrained table's: model/test_ffn_lexical.py",
+    "model.tokenizer_embedding.embedding_dim": "a pretrained table's width: model/test_ffn_lexical.py",
+    "model.tokenizer_embedding.adapter": "a pretrained table's projection: model/test_ffn_lexical.py",
+    "model.tokenizer_embedding.adapter_hidden_dim": "that projection's width: model/test_ffn_lexical.py",
     "training.total_blocks": "FusionTrainer(config) building its model: test_fusion_trainer.py",
     "training.progressive.trunk_checkpointing": (
         "same numbers, less memory: training/test_consolidation.py (which stacks recompute)"

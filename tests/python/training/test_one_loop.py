@@ -205,13 +205,3 @@ def test_keys_that_did_nothing_are_refused_saying_why(key, use):
     # Before: validated and ignored.
     with pytest.raises(ConfigurationError, match=f"{key.split('=')[0]}: removed: .*{use}"):
         StackWiseConfig.from_dict({}, overrides=[key])
-
-
-def test_freeze_embeddings_keeps_a_learned_table_fixed():
-    # Before: the progressive trainer froze only a pretrained table (embed_tokens); a learned
-    # one trained at stage 0 although model.tokenizer_embedding.freeze_embeddings was set.
-    config = _config(model={"tokenizer_embedding": {"freeze_embeddings": True}})
-    builder = ProgressiveRackBuilder(config)
-    table = builder.rack.lexical.get_embeddings().table.weight.detach().clone()
-    ProgressiveTrainer(config).train_rack(builder, _data(), target_stacks=1)
-    assert torch.equal(table, builder.rack.lexical.get_embeddings().table.weight)
