@@ -196,13 +196,13 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
 }
 # Keys whose change shows only where a tiny run cannot go; each names the test that shows it.
 ELSEWHERE = {
-    "model.tokenizer_embedding.family": "a pretrained table (embed_tokens): model/test_ffn_lexical.py",
-    "model.tokenizer_embedding.embedding_option": "loads a pretrained table: model/test_ffn_lexical.py",
-    "model.tokenizer_embedding.path": "the pretrained table's file: model/test_ffn_lexical.py",
-    "model.tokenizer_embedding.freeze_embeddings": "a pretrained table's: model/test_ffn_lexical.py",
-    "model.tokenizer_embedding.embedding_dim": "a pretrained table's width: model/test_ffn_lexical.py",
-    "model.tokenizer_embedding.adapter": "a pretrained table's projection: model/test_ffn_lexical.py",
-    "model.tokenizer_embedding.adapter_hidden_dim": "that projection's width: model/test_ffn_lexical.py",
+    "model.tokenizer_embedding.family": "a pretrained table (embed_tokens): test_ffn_lexical.py",
+    "model.tokenizer_embedding.embedding_option": "loads a pretrained table: test_ffn_lexical.py",
+    "model.tokenizer_embedding.path": "the pretrained table's file: test_ffn_lexical.py",
+    "model.tokenizer_embedding.freeze_embeddings": "a pretrained table's: test_ffn_lexical.py",
+    "model.tokenizer_embedding.embedding_dim": "a pretrained table's width: test_ffn_lexical.py",
+    "model.tokenizer_embedding.adapter": "a pretrained table's projection: test_ffn_lexical.py",
+    "model.tokenizer_embedding.adapter_hidden_dim": "that projection's width: test_ffn_lexical.py",
     "training.total_blocks": "FusionTrainer(config) building its model: test_fusion_trainer.py",
     "training.progressive.trunk_checkpointing": (
         "same numbers, less memory: training/test_consolidation.py (which stacks recompute)"
