@@ -3,8 +3,11 @@
 # run reuses the environment and rebuilds only what changed.
 #
 #   make test       CPU build + C++ and Python tests (what CI runs)
+#   make test-sanitize  the C++ tests under sanitizers (CI runs it after `make test`)
 #   make train      the same setup, then a progressive training run (configs/shakespeare-tiny.yaml)
-#   make gpu-test   offline GPU machine: system Python, no installs, CUDA tests and GPU benchmarks
+#   make gpu-check  offline GPU machine, under 10 minutes: CUDA build, CUDA tests only, GPU
+#                   benchmarks, 50 steps of every config, memory in depth; one JSON report
+#   make gpu-test   offline GPU machine: system Python, no installs, every test and GPU benchmarks
 #   make bench      CPU benchmarks (bench/*.py), tables on stdout, JSON in bench/results/
 #   make lint       ruff
 #   make clean      remove build outputs (keeps .venv)
@@ -18,7 +21,7 @@ GPU_BUILD_DIR ?= build/gpu
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 
-.PHONY: test train build venv sysdeps gpu-test bench lint clean info
+.PHONY: test test-sanitize train build venv sysdeps gpu-check gpu-test bench lint clean info
 
 test: build
 	@echo "== build info"
@@ -30,6 +33,23 @@ test: build
 	else echo "C++ tests not built (GTest missing)"; exit 1; fi
 	@echo "== Python tests (pytest)"
 	$(VPY) -m pytest tests/python
+
+# ThreadSanitizer over the torch-free core (the activation-cache store's concurrent tests), then
+# AddressSanitizer + UBSan over the op kernels that have C++ tests (test_ops, DEFAULT ISA only),
+# each in a build folder of its own; a finding fails the run.
+VCMAKE := $(VPY) -c "import cmake, os, sys; p = os.path.join(cmake.CMAKE_BIN_DIR, 'cmake'); os.execv(p, [p] + sys.argv[1:])"
+VCTEST := $(VPY) -c "import cmake, os, sys; os.execv(os.path.join(cmake.CMAKE_BIN_DIR, 'ctest'), ['ctest'] + sys.argv[1:])"
+SAN_CONFIG := -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) -DPython3_EXECUTABLE=$(abspath $(VPY))
+test-sanitize: venv sysdeps
+	@echo "== ThreadSanitizer: the core and the cache store's concurrent tests"
+	$(VCMAKE) -S . -B build/tsan $(SAN_CONFIG) -DSTACKWISE_SANITIZE=thread >/dev/null
+	$(VCMAKE) --build build/tsan
+	TSAN_OPTIONS=halt_on_error=1 $(VCTEST) --test-dir build/tsan --output-on-failure --timeout 300
+	@echo "== AddressSanitizer + UBSan: the op kernels with C++ tests"
+	$(VCMAKE) -S . -B build/san-ops $(SAN_CONFIG) -DSTACKWISE_SANITIZE=ops >/dev/null
+	$(VCMAKE) --build build/san-ops
+	UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(VCTEST) --test-dir build/san-ops --output-on-failure --timeout 300
 
 # A progressive run on the Shakespeare corpus into runs/shakespeare-tiny (about 10 minutes on 2
 # CPU cores). TRAIN_ARGS passes more options, e.g. TRAIN_ARGS=--overwrite or --resume.
@@ -61,6 +81,13 @@ build: venv sysdeps
 
 info: build
 	$(VPY) -m stackwise.info
+
+# The GPU check (bench/gpu_check.py): build with every core, the C++ tests, the CUDA tests only
+# (pytest -k cuda), bench/gpu_report.py, 50 steps of every configs/*.yaml on the GPU, and
+# bench/gpu_memory.py (progressive vs end-to-end peak memory at 2-16 blocks against the
+# planner). Writes bench/results/gpu/check.json and prints a one-screen summary.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --json bench/results/gpu/check.json
 
 # The GPU machine has no network: torch, cmake, ninja, pybind11 and pytest are preinstalled for
 # its system Python. CUDA must build there (STACKWISE_BUILD_CUDA=1); every test runs, the CUDA

@@ -255,6 +255,7 @@ class ActivationCacheStore {
     d["prefetch_late"] = s.prefetch_late;
     d["prefetch_skipped"] = s.prefetch_skipped;
     d["released"] = s.released;
+    d["write_errors"] = s.write_errors;
     d["prefetch_errors"] = s.prefetch_errors;
     d["read_seconds"] = static_cast<double>(s.read_ns) * 1e-9;
     d["bytes_read"] = s.bytes_read;
@@ -369,7 +370,8 @@ companions are kept exactly. stats() reports the error they introduce.
            "memory), misses (gets that read the disk), prefetch_hits (hits on entries read ahead), "
            "prefetch_late (gets that waited for a read ahead still in progress), prefetch_skipped "
            "(read-aheads not done: the budgets were full of batches read ahead), released (gets "
-           "with release that handed an entry over), spills, loads, "
+           "with release that handed an entry over), write_errors (spill writes that failed), "
+           "spills, loads, "
            "read_seconds and bytes_read (spent reading spill files, any thread), "
            "compression errors.")
       .def_property_readonly("storage_precision", &S::storage_precision)

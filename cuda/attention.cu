@@ -17,20 +17,24 @@
 // dS = P * (dP - D), adds P^T dO into dV and dS^T Q into dK, and adds dS K into a float dQ
 // buffer with atomics (so dQ's last bits may vary from run to run).
 //
-// Head dims (Dqk, Dv): (64, 64), (128, 128) and MLA's (192, 128). The tile shape is the largest
-// whose shared memory fits the device's per-block limit (read from the device).
+// Head dims (Dqk, Dv): the pairs of stackwise/attention_dispatch.h (32, 64, 96, 128, 256 and MLA's
+// (192, 128)); the code is the same template for each, written for any multiple of 16. The tile
+// shape is the largest whose shared memory fits the device's per-block limit (read from the
+// device).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cstddef>
 #include <optional>
 #include <tuple>
 
 #include "attention_tiles.cuh"
 #include "common.cuh"
 #include "stackwise/attention_checks.h"
+#include "stackwise/attention_dispatch.h"
 #include "stackwise/attention_math.h"
 
 namespace stackwise::cuda {
@@ -363,38 +367,53 @@ Operand operand(const at::Tensor& t) {
   return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+attention::ElemType elem_type(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return attention::ElemType::kFloat16;
+    case at::kBFloat16:
+      return attention::ElemType::kBFloat16;
+    case at::kFloat:
+      return attention::ElemType::kFloat32;
+    case at::kDouble:
+      return attention::ElemType::kFloat64;
+    default:
+      return attention::ElemType::kOther;
+  }
+}
+
+// The dispatch decision is stackwise/attention_dispatch.h's (tested on CPU); this only words it.
 void check_cuda_support(const at::Tensor& q, const at::Tensor& v, const char* op) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
-      ": the CUDA kernel takes bfloat16 or float16 q, k, v (fp32 accumulation); got ",
-      q.scalar_type(), ". Cast the inputs, or run float32/float64 attention on the CPU");
   const int64_t dqk = q.size(3), dv = v.size(3);
-  TORCH_CHECK_NOT_IMPLEMENTED((dqk == 64 && dv == 64) || (dqk == 128 && dv == 128) ||
-                                  (dqk == 192 && dv == 128),
-                              op, ": the CUDA kernel supports head dims (Dqk, Dv) = (64, 64), ",
-                              "(128, 128) and (192, 128); got (", dqk, ", ", dv, ")");
+  const char* why = attention::cuda_unsupported_reason(elem_type(q.scalar_type()), dqk, dv);
+  TORCH_CHECK_NOT_IMPLEMENTED(why == nullptr, op, ": ", why, "; got ", q.scalar_type(),
+                              " with head dims (", dqk, ", ", dv, ")");
   TORCH_CHECK_VALUE(q.size(2) < (int64_t(1) << 31) / 2, op, ": sequence length ", q.size(2),
                     " is too long for the CUDA kernel");
 }
 
-// Calls f.template operator()<T, DQK, DV>() for the runtime dtype and head dims.
+// Calls f.template operator()<T, DQK, DV>() with (DQK, DV) = kCudaHeadDims[index]: the table is
+// walked at compile time, so every entry has an instantiation and nothing else does.
+template <typename T, std::size_t I = 0, typename F>
+void by_head_dims(int index, F&& f) {
+  if constexpr (I < attention::kNumCudaHeadDims) {
+    if (index == int(I)) {
+      f.template operator()<T, attention::kCudaHeadDims[I].dqk, attention::kCudaHeadDims[I].dv>();
+    } else {
+      by_head_dims<T, I + 1>(index, f);
+    }
+  }
+}
+
+// Calls f.template operator()<T, DQK, DV>() for the runtime dtype and head dims (checked by
+// check_cuda_support first).
 template <typename F>
 void dispatch_attention(at::ScalarType dtype, int64_t dqk, int64_t dv, F&& f) {
-  auto by_dims = [&](auto tag) {
-    using T = decltype(tag);
-    if (dqk == 64) {
-      f.template operator()<T, 64, 64>();
-    } else if (dqk == 128) {
-      f.template operator()<T, 128, 128>();
-    } else {
-      f.template operator()<T, 192, 128>();
-    }
-  };
-  (void)dv;  // (dqk, dv) pairs are checked by check_cuda_support
+  const int index = attention::cuda_head_dims_index(dqk, dv);
   if (dtype == at::kBFloat16) {
-    by_dims(__nv_bfloat16{});
+    by_head_dims<__nv_bfloat16>(index, f);
   } else {
-    by_dims(__half{});
+    by_head_dims<__half>(index, f);
   }
 }
 
@@ -430,6 +449,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const std::optional<at::Tensor>& key_padding_mask, bool causal, std::optional<double> scale) {
   constexpr const char* op = "attention_forward";
   check_attention_inputs(q_in, k_in, v_in, key_padding_mask, op);
+  check_attention_scale(scale, op);
   check_device_type(q_in, at::kCUDA, op, "q");
   check_cuda_support(q_in, v_in, op);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -473,6 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const std::optional<at::Tensor>& key_padding_mask, bool causal, std::optional<double> scale) {
   constexpr const char* op = "attention_backward";
   check_attention_inputs(q_in, k_in, v_in, key_padding_mask, op);
+  check_attention_scale(scale, op);
   check_attention_saved(grad_out, out, lse, q_in, v_in, op);
   check_device_type(q_in, at::kCUDA, op, "q");
   check_cuda_support(q_in, v_in, op);

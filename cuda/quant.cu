@@ -35,9 +35,11 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, int64_t blocks, int
   for (int64_t b = warp; b < blocks; b += warps) {
     const T* xb = x + b * block;
     float am = 0.0f;
-    for (int i = lane; i < block; i += 32) am = fmaxf(am, fabsf(static_cast<float>(xb[i])));
+    for (int i = lane; i < block; i += 32) am = absmax_step(am, static_cast<float>(xb[i]));
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, off));
+    for (int off = 16; off > 0; off /= 2)
+      am = absmax_step(am, __shfl_xor_sync(0xffffffffu, am, off));
+    am = finite_absmax_or_nan(am);
     if (lane == 0) absmax[b] = am;
     const float inv = nf4_inv_scale(am);
     uint8_t* pb = packed + b * block / 2;
@@ -73,16 +75,18 @@ __global__ void rows_quantize_kernel(const T* __restrict__ x, int64_t d, float q
   const int64_t r = blockIdx.x;
   const T* xr = x + r * d;
   float am = 0.0f;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) am = fmaxf(am, fabsf(static_cast<float>(xr[i])));
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+    am = absmax_step(am, static_cast<float>(xr[i]));
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, off));
+  for (int off = 16; off > 0; off /= 2) am = absmax_step(am, __shfl_xor_sync(0xffffffffu, am, off));
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = am;
   __syncthreads();
   if (threadIdx.x < 32) {
     am = threadIdx.x < kRowThreads / 32 ? partial[threadIdx.x] : 0.0f;
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, off));
-    if (threadIdx.x == 0) partial[0] = am;
+    for (int off = 16; off > 0; off /= 2)
+      am = absmax_step(am, __shfl_xor_sync(0xffffffffu, am, off));
+    if (threadIdx.x == 0) partial[0] = finite_absmax_or_nan(am);
   }
   __syncthreads();
   const float s = partial[0] / qmax;

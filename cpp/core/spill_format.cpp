@@ -137,11 +137,14 @@ class Reader {
   const std::string& path_;
 };
 
-std::vector<uint8_t> encode_header(const CacheKey& key, const EntryData& e) {
+std::vector<uint8_t> encode_header(const CacheKey& key, const SpillOwner& owner,
+                                   const EntryData& e) {
   Writer w;
   w.buf.resize(kSpillFixedHeaderBytes, 0);
   w.put<int64_t>(key.block);
   w.put<int64_t>(key.batch);
+  w.put<uint64_t>(owner.store);
+  w.put<uint64_t>(owner.gen);
   w.put<uint32_t>(static_cast<uint32_t>(e.records.size()));
   w.put<uint32_t>(static_cast<uint32_t>(e.meta.size()));
   for (const auto& r : e.records) {
@@ -243,34 +246,45 @@ void validate_record(const TensorRecord& r) {
                                 std::to_string(want));
 }
 
-std::string spill_file_name(const CacheKey& key) {
-  return "blk" + std::to_string(key.block) + "_batch" + std::to_string(key.batch) + kSpillSuffix;
+std::string hex_id(uint64_t id) {
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(id));
+  return buf;
 }
 
-bool parse_spill_file_name(const std::string& name, CacheKey* key) {
+std::string spill_file_name(const CacheKey& key, const SpillOwner& owner) {
+  return "blk" + std::to_string(key.block) + "_batch" + std::to_string(key.batch) + "." +
+         hex_id(owner.store) + "-" + std::to_string(owner.gen) + kSpillSuffix;
+}
+
+bool parse_spill_file_name(const std::string& name, CacheKey* key, SpillOwner* owner) {
   long long b = 0, n = 0;
+  unsigned long long store = 0, gen = 0;
   int used = 0;
   const std::string suffix = kSpillSuffix;
   if (name.size() <= suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(),
                                                    suffix) != 0)
     return false;
   const std::string stem = name.substr(0, name.size() - suffix.size());
-  if (std::sscanf(stem.c_str(), "blk%lld_batch%lld%n", &b, &n, &used) != 2) return false;
+  if (std::sscanf(stem.c_str(), "blk%lld_batch%lld.%16llx-%llu%n", &b, &n, &store, &gen,
+                  &used) != 4)
+    return false;
   if (static_cast<size_t>(used) != stem.size()) return false;
-  key->block = b;
-  key->batch = n;
-  return spill_file_name(*key) == name;  // canonical spelling only
+  *key = {b, n};
+  *owner = {store, gen};
+  return spill_file_name(*key, *owner) == name;  // canonical spelling only
 }
 
 std::pair<std::string, uint64_t> write_spill_file(const std::string& dir, const CacheKey& key,
-                                                  const EntryData& entry) {
+                                                  const EntryData& entry,
+                                                  const SpillOwner& owner) {
   for (const auto& r : entry.records) validate_record(r);
-  std::vector<uint8_t> header = encode_header(key, entry);
+  std::vector<uint8_t> header = encode_header(key, owner, entry);
   uint32_t crc = crc32c_update(0, header.data(), header.size());  // CRC field still 0
 
   static std::atomic<uint64_t> counter{0};
-  const std::string final_path = dir + "/" + spill_file_name(key);
-  const std::string tmp_path = dir + "/" + kSpillTempPrefix + spill_file_name(key) + "." +
+  const std::string final_path = dir + "/" + spill_file_name(key, owner);
+  const std::string tmp_path = dir + "/" + kSpillTempPrefix + spill_file_name(key, owner) + "." +
                                std::to_string(::getpid()) + "." + std::to_string(counter++);
   Fd fd(::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
   if (fd.get() < 0) throw CacheIOError(errno_text("cannot create", tmp_path));
@@ -332,7 +346,7 @@ SpillHeader parse_header(int fd, const std::string& path, uint64_t file_size,
     throw CacheCorruption(path, "spill format version " + std::to_string(version) +
                                     ", this build reads version " +
                                     std::to_string(kSpillFormatVersion));
-  if (h.header_bytes < kSpillFixedHeaderBytes + 24 || h.header_bytes > kMaxHeaderBytes)
+  if (h.header_bytes < kSpillFixedHeaderBytes + 40 || h.header_bytes > kMaxHeaderBytes)
     throw CacheCorruption(path, "implausible header length " + std::to_string(h.header_bytes));
   if (file_size != h.header_bytes + h.payload_bytes)
     throw CacheCorruption(path, (file_size < h.header_bytes + h.payload_bytes ? "truncated: "
@@ -350,6 +364,8 @@ SpillHeader parse_header(int fd, const std::string& path, uint64_t file_size,
   Reader r(bytes->data() + kSpillFixedHeaderBytes, rest, path);
   h.key.block = r.get<int64_t>();
   h.key.batch = r.get<int64_t>();
+  h.owner.store = r.get<uint64_t>();
+  h.owner.gen = r.get<uint64_t>();
   const uint32_t n_records = r.get<uint32_t>(), n_meta = r.get<uint32_t>();
   if (n_records > kMaxRecords || n_meta > kMaxMeta)
     throw CacheCorruption(path, "implausible record or metadata count");
@@ -402,7 +418,7 @@ SpillHeader read_spill_header(const std::string& path) {
 }
 
 EntryData read_spill_file(const std::string& path, const CacheKey* expect_key,
-                          BlobAllocator alloc, void* alloc_ctx) {
+                          BlobAllocator alloc, void* alloc_ctx, const SpillOwner* expect_owner) {
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) throw CacheIOError(errno_text("cannot open", path));
   std::vector<uint8_t> bytes;
@@ -410,6 +426,12 @@ EntryData read_spill_file(const std::string& path, const CacheKey* expect_key,
   if (expect_key && !(h.key == *expect_key))
     throw CacheCorruption(path, "holds block " + std::to_string(h.key.block) + " batch " +
                                     std::to_string(h.key.batch) + ", not the entry it is named for");
+  if (expect_owner && !(h.owner == *expect_owner))
+    throw CacheCorruption(path, "written by store " + hex_id(h.owner.store) + " as entry " +
+                                    std::to_string(h.owner.gen) + ", not by store " +
+                                    hex_id(expect_owner->store) + " as entry " +
+                                    std::to_string(expect_owner->gen) +
+                                    " (another store or process wrote into this spill directory)");
   uint32_t crc = crc32c_update(0, bytes.data(), bytes.size());
   uint64_t off = h.header_bytes;
   for (auto& rec : h.layout.records) {

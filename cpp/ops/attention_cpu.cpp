@@ -45,6 +45,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     std::optional<double> scale) {
   const char* op = "attention_forward";
   check_attention_inputs(q, k, v, key_padding_mask, op);
+  check_attention_scale(scale, op);
   check_device_type(q, at::kCPU, op, "q");
   const int64_t B = q.size(0), Hq = q.size(1), S = q.size(2), Dv = v.size(3);
   const at::ScalarType acc = acc_dtype(q.scalar_type());
@@ -67,6 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     bool causal, std::optional<double> scale) {
   const char* op = "attention_backward";
   check_attention_inputs(q, k, v, key_padding_mask, op);
+  check_attention_scale(scale, op);
   check_device_type(q, at::kCPU, op, "q");
   check_attention_saved(grad_out, out, lse, q, v, op);
   const int64_t B = q.size(0), Hq = q.size(1), S = q.size(2), Dqk = q.size(3);

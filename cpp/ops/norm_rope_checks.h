@@ -85,7 +85,9 @@ inline void check_rope_inputs(const at::Tensor& q, const char* q_arg, const at::
                     " but cos has shape ", cos.sizes(), "; they must match");
   TORCH_CHECK_VALUE(position_offset >= 0, op, ": position_offset must be >= 0, got ",
                     position_offset);
-  TORCH_CHECK_VALUE(position_offset + q.size(2) <= cos.size(0), op, ": position_offset (",
+  // Written so that no sum can overflow: offset + S <= max_positions.
+  TORCH_CHECK_VALUE(q.size(2) <= cos.size(0) && position_offset <= cos.size(0) - q.size(2), op,
+                    ": position_offset (",
                     position_offset, ") + sequence length (", q.size(2),
                     ") exceeds the table's max_positions (", cos.size(0), ")");
 }

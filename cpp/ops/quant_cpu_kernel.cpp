@@ -51,7 +51,8 @@ void nf4_quantize_blocks(const T* x, int64_t block, int64_t b0, int64_t b1, uint
   for (int64_t b = b0; b < b1; ++b) {
     const T* xb = x + b * block;
     float am = 0.0f;
-    for (int64_t i = 0; i < block; ++i) am = std::max(am, std::abs(static_cast<float>(xb[i])));
+    for (int64_t i = 0; i < block; ++i) am = quant::absmax_step(am, static_cast<float>(xb[i]));
+    am = quant::finite_absmax_or_nan(am);
     absmax[b] = am;
     const float inv = quant::nf4_inv_scale(am);
     for (int64_t i = 0; i < block; ++i) {
@@ -85,8 +86,8 @@ void nf4_dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t b
 template <typename T>
 float row_absmax(const T* x, int64_t d) {
   float am = 0.0f;
-  for (int64_t i = 0; i < d; ++i) am = std::max(am, std::abs(static_cast<float>(x[i])));
-  return am;
+  for (int64_t i = 0; i < d; ++i) am = quant::absmax_step(am, static_cast<float>(x[i]));
+  return quant::finite_absmax_or_nan(am);
 }
 
 // Decodes 64 NF4 weights (32 packed bytes) with the block's scaled code book `lut`.

@@ -99,14 +99,15 @@ QWeight make_qweight(const at::Tensor& x_like, const at::Tensor& qweight, const 
   if (fmt == "nf4") {
     w.fmt = Fmt::NF4;
     check_nf4_block_size(block, op);
-    TORCH_CHECK_VALUE((n * k) % block == 0, op, ": the weight's ", n * k,
+    const int64_t nk = checked_size_mul(n, k, op, "out_features * in_features");
+    TORCH_CHECK_VALUE(nk % block == 0, op, ": the weight's ", nk,
                       " elements are not a multiple of block_size ", block);
     TORCH_CHECK_TYPE(qweight.scalar_type() == at::kByte, op, ": nf4 qweight must be uint8, got ",
                      qweight.scalar_type());
-    TORCH_CHECK_VALUE(qweight.numel() * 2 == n * k && scales.numel() * block == n * k, op,
+    TORCH_CHECK_VALUE(qweight.numel() == nk / 2 && scales.numel() == nk / block, op,
                       ": nf4 qweight has ", qweight.numel(), " bytes and scales ", scales.numel(),
                       " values; a ", n, "x", k, " weight with block_size ", block, " needs ",
-                      n * k / 2, " and ", n * k / block);
+                      nk / 2, " and ", nk / block);
     w.q = w.q.reshape({-1});
     w.scales = w.scales.reshape({-1});
   } else if (fmt == "int8" || fmt == "fp8") {

@@ -68,14 +68,14 @@ def _config_command(args: argparse.Namespace) -> int:
 
 def _plan_command(args: argparse.Namespace) -> int:
     from stackwise.config.base import StackWiseConfig
-    from stackwise.run.plan import parse_bytes, plan_memory
+    from stackwise.run.plan import parse_bytes, plan_run
 
     if args.config is None:
         raise _UsageError("plan needs --config FILE")
     config = StackWiseConfig.from_yaml(args.config, overrides=args.overrides)
     config.validate()
     memory = parse_bytes(args.device_memory) if args.device_memory else None
-    plan = plan_memory(config, memory, end_to_end=args.end_to_end)
+    plan = plan_run(config, memory, end_to_end=args.end_to_end)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

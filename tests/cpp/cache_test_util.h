@@ -60,4 +60,28 @@ inline bool same_entry(const EntryData& a, const EntryData& b) {
   return true;
 }
 
+// The spill file holding `key` in dir (any owner), or "" when there is none.
+inline std::string spill_file(const std::string& dir, CacheKey key) {
+  const std::string prefix = "blk" + std::to_string(key.block) + "_batch" +
+                             std::to_string(key.batch) + ".";
+  for (const auto& f : std::filesystem::directory_iterator(dir)) {
+    const std::string name = f.path().filename().string();
+    CacheKey k;
+    SpillOwner o;
+    if (name.rfind(prefix, 0) == 0 && parse_spill_file_name(name, &k, &o)) return f.path().string();
+  }
+  return "";
+}
+
+// Spill files in dir (lock files and anything else left out).
+inline long count_spill_files(const std::string& dir) {
+  long n = 0;
+  for (const auto& f : std::filesystem::directory_iterator(dir)) {
+    CacheKey k;
+    SpillOwner o;
+    n += parse_spill_file_name(f.path().filename().string(), &k, &o) ? 1 : 0;
+  }
+  return n;
+}
+
 }  // namespace stackwise::core::testing

@@ -13,7 +13,9 @@
 #include "stackwise/cache_store_core.h"
 
 using namespace stackwise::core;
+using stackwise::core::testing::count_spill_files;
 using stackwise::core::testing::make_entry;
+using stackwise::core::testing::spill_file;
 using stackwise::core::testing::same_entry;
 using stackwise::core::testing::TempDir;
 namespace fs = std::filesystem;
@@ -72,8 +74,8 @@ TEST(CacheStoreCore, LruOrderDecidesWhatSpills) {
   for (uint32_t i = 0; i < 3; ++i) s.put({0, i}, entry(i));
   s.get({0, 0});                // 0 becomes most recent; 1 is now least recent
   s.put({0, 3}, entry(3));      // spills 1
-  EXPECT_TRUE(fs::exists(d.path + "/blk0_batch1.swspill"));
-  EXPECT_FALSE(fs::exists(d.path + "/blk0_batch0.swspill"));
+  EXPECT_TRUE(!spill_file(d.path, {0, 1}).empty());
+  EXPECT_FALSE(!spill_file(d.path, {0, 0}).empty());
   auto st = s.stats();
   EXPECT_EQ(st.spills, 1u);
   EXPECT_EQ(st.entries, 4u);
@@ -82,7 +84,7 @@ TEST(CacheStoreCore, LruOrderDecidesWhatSpills) {
   EXPECT_EQ(st.bytes_in_memory, 3 * kEntryBytes);
   EXPECT_GT(st.bytes_on_disk, kEntryBytes);
   s.put({0, 4}, entry(4));      // next least recent is 2
-  EXPECT_TRUE(fs::exists(d.path + "/blk0_batch2.swspill"));
+  EXPECT_TRUE(!spill_file(d.path, {0, 2}).empty());
 }
 
 TEST(CacheStoreCore, EntryCountBudget) {
@@ -121,7 +123,7 @@ TEST(CacheStoreCore, CorruptSpillFileRaisesOnGetAndStays) {
   CacheStoreCore s({kEntryBytes, 0}, d.path);
   s.put({0, 0}, entry(0));
   s.put({0, 1}, entry(1));
-  const std::string p = d.path + "/blk0_batch0.swspill";
+  const std::string p = spill_file(d.path, {0, 0});
   {
     std::fstream f(p, std::ios::in | std::ios::out | std::ios::binary);
     f.seekp(-10, std::ios::end);
@@ -154,17 +156,18 @@ TEST(CacheStoreCore, ReopenIndexesSpillDirectory) {
   EXPECT_FALSE(fs::exists(d.path + "/.tmp-blk3_batch9.swspill.999999999.0"));
   for (uint32_t i = 0; i < 5; ++i) EXPECT_TRUE(same_entry(*r.get({3, i}), *entry(i)));
   r.close();  // reopened files are not this store's: they stay
-  EXPECT_TRUE(fs::exists(d.path + "/blk3_batch0.swspill"));
+  EXPECT_TRUE(!spill_file(d.path, {3, 0}).empty());
 }
 
 TEST(CacheStoreCore, ReopenRejectsForeignSpillFile) {
   TempDir d;
-  { std::ofstream(d.path + "/blk0_batch0.swspill") << std::string(100, 'z'); }
+  const std::string p = d.path + "/blk0_batch0.00000000000000aa-1.swspill";
+  { std::ofstream(p) << std::string(100, 'z'); }
   try {
     CacheStoreCore r({}, d.path, true);
     FAIL() << "no error";
   } catch (const CacheCorruption& e) {
-    EXPECT_EQ(e.path(), d.path + "/blk0_batch0.swspill");
+    EXPECT_EQ(e.path(), p);
   }
 }
 
@@ -172,8 +175,8 @@ TEST(CacheStoreCore, CloseRemovesOwnFiles) {
   TempDir d;
   CacheStoreCore s({kEntryBytes, 0}, d.path);
   for (uint32_t i = 0; i < 4; ++i) s.put({0, i}, entry(i));
-  EXPECT_EQ(std::distance(fs::directory_iterator(d.path), fs::directory_iterator{}), 3);
-  s.close();
+  EXPECT_EQ(count_spill_files(d.path), 3);
+  s.close();  // the spill files and the lock file go
   EXPECT_EQ(std::distance(fs::directory_iterator(d.path), fs::directory_iterator{}), 0);
   EXPECT_THROW(s.get({0, 0}), std::logic_error);
 }
@@ -213,7 +216,7 @@ TEST(CacheStoreCore, ScanWithPrefetchKeepsEntriesNotReadYet) {
   EXPECT_EQ(st.prefetch_late, 0u);  // every read ahead had finished before its get
   EXPECT_GT(st.read_ns, 0u);
   uint64_t file_bytes = 0;
-  for (const auto& f : fs::directory_iterator(d.path)) file_bytes += fs::file_size(f.path());
+  for (uint32_t i = 0; i < kBatches; ++i) file_bytes += fs::file_size(spill_file(d.path, {0, i}));
   EXPECT_EQ(st.bytes_read, file_bytes);  // each file read once, whole
 }
 

@@ -34,14 +34,15 @@ std::string written_file(const TempDir& d, CacheKey key) {
 TEST(SpillFormat, RoundTrip) {
   TempDir d;
   auto e = make_entry(33, 17, 5);
-  auto [path, size] = write_spill_file(d.path, {2, -7}, *e);
-  EXPECT_EQ(fs::path(path).filename().string(), "blk2_batch-7.swspill");
+  auto [path, size] = write_spill_file(d.path, {2, -7}, *e, {0xab, 5});
+  EXPECT_EQ(fs::path(path).filename().string(), "blk2_batch-7.00000000000000ab-5.swspill");
   EXPECT_EQ(fs::file_size(path), size);
   CacheKey key{2, -7};
   EntryData back = read_spill_file(path, &key);
   EXPECT_TRUE(same_entry(*e, back));
   SpillHeader h = read_spill_header(path);
   EXPECT_EQ(h.key, key);
+  EXPECT_EQ(h.owner, (SpillOwner{0xab, 5}));
   EXPECT_EQ(h.payload_bytes, e->payload_bytes());
   // Only the final file is left: the temporary one was renamed.
   EXPECT_EQ(std::distance(fs::directory_iterator(d.path), fs::directory_iterator{}), 1);
@@ -58,11 +59,14 @@ TEST(SpillFormat, RoundTripAcrossWritebackChunks) {
 
 TEST(SpillFormat, FileNames) {
   CacheKey k;
-  EXPECT_TRUE(parse_spill_file_name("blk3_batch42.swspill", &k));
+  SpillOwner o;
+  EXPECT_TRUE(parse_spill_file_name("blk3_batch42.0123456789abcdef-7.swspill", &k, &o));
   EXPECT_EQ(k, (CacheKey{3, 42}));
-  EXPECT_FALSE(parse_spill_file_name("blk3_batch42.swspill.tmp", &k));
-  EXPECT_FALSE(parse_spill_file_name("blk03_batch42.swspill", &k));
-  EXPECT_FALSE(parse_spill_file_name("notes.txt", &k));
+  EXPECT_EQ(o, (SpillOwner{0x0123456789abcdefull, 7}));
+  EXPECT_FALSE(parse_spill_file_name("blk3_batch42.0123456789abcdef-7.swspill.tmp", &k, &o));
+  EXPECT_FALSE(parse_spill_file_name("blk03_batch42.0123456789abcdef-7.swspill", &k, &o));
+  EXPECT_FALSE(parse_spill_file_name("blk3_batch42.swspill", &k, &o));  // version 1 name
+  EXPECT_FALSE(parse_spill_file_name("notes.txt", &k, &o));
 }
 
 TEST(SpillFormat, RecordValidation) {
@@ -135,4 +139,16 @@ TEST(SpillFormat, MisnamedFileIsDetected) {
   const std::string p = written_file(d, {1, 2});
   CacheKey other{1, 3};
   EXPECT_THROW(read_spill_file(p, &other), CacheCorruption);
+}
+
+// A file is read back only when it carries the owner (store, generation) the reader recorded.
+TEST(SpillFormat, OtherOwnerIsDetected) {
+  TempDir d;
+  auto e = make_entry(4, 4, 1);
+  const std::string p = write_spill_file(d.path, {1, 2}, *e, {7, 3}).first;
+  CacheKey key{1, 2};
+  SpillOwner mine{7, 3}, other_store{8, 3}, other_gen{7, 4};
+  EXPECT_TRUE(same_entry(*e, read_spill_file(p, &key, nullptr, nullptr, &mine)));
+  EXPECT_THROW(read_spill_file(p, &key, nullptr, nullptr, &other_store), CacheCorruption);
+  EXPECT_THROW(read_spill_file(p, &key, nullptr, nullptr, &other_gen), CacheCorruption);
 }

@@ -50,6 +50,8 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   check_dim(k, 2, q.size(2), op, "k", "sequence length");
   check_dim(v, 2, q.size(2), op, "v", "sequence length");
   check_dim(k, 3, q.size(3), op, "k", "head dim");
+  TORCH_CHECK_VALUE(q.size(3) > 0, op, ": q's head dim (Dqk, dim 3) must be >= 1, got shape ",
+                    q.sizes());
   check_dim(v, 1, k.size(1), op, "v", "kv head count");
   TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q has ", q.size(1),
                     " heads, which must be a multiple of k's ", k.size(1),
@@ -87,7 +89,12 @@ inline void check_attention_saved(const at::Tensor& grad_out, const at::Tensor& 
                     " but expected ", at::IntArrayRef(l_shape));
 }
 
-// The softmax scale: the given one, else 1/sqrt(Dqk).
+// The softmax scale: the given one (finite), else 1/sqrt(Dqk).
+inline void check_attention_scale(std::optional<double> scale, const char* op) {
+  TORCH_CHECK_VALUE(!scale.has_value() || std::isfinite(*scale), op,
+                    ": scale must be a finite number (or None for 1/sqrt(Dqk)), got ", *scale);
+}
+
 inline double attention_scale(std::optional<double> scale, int64_t head_dim) {
   if (scale.has_value()) return *scale;
   return head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0;

@@ -7,6 +7,12 @@
 // leave memory: written to the spill directory first unless a clean copy exists. With no spill
 // directory a put that would exceed a budget throws CacheBudgetExceeded and changes nothing.
 //
+// Ownership: each store has a random 64-bit id, written into its spill files' names and headers
+// (see spill_format.h), and holds an exclusive lock (flock) on its lock file
+// `.swstore-<id>.lock` in the spill directory until close. Stores sharing a directory therefore
+// never read, overwrite or delete each other's files; a reopening store adopts only the files of
+// stores whose lock is free (closed or dead), renaming them to its own id.
+//
 // Thread safety: one mutex guards the index; file writes and reads run outside it, so a get of
 // an in-memory entry never waits on the disk. Writes are serialised by a second mutex (one disk,
 // and one file name per key: serialising makes a stale writer's rename impossible to interleave).
@@ -45,6 +51,7 @@ struct StoreStats {
   uint64_t prefetch_requests = 0, prefetch_hits = 0, prefetch_late = 0, prefetch_errors = 0;
   uint64_t prefetch_skipped = 0;
   uint64_t released = 0;  // gets with release that handed the entry over (its file stays)
+  uint64_t write_errors = 0;  // spill writes that failed (disk full, permissions)
   uint64_t read_ns = 0, bytes_read = 0;
 };
 
@@ -69,11 +76,16 @@ class CacheStoreCore {
   CacheStoreCore(const CacheStoreCore&) = delete;
   CacheStoreCore& operator=(const CacheStoreCore&) = delete;
 
-  // Stores (or replaces) an entry; records are validated. May spill LRU entries (blocking on
-  // their writes) or throw CacheBudgetExceeded. If a spill write fails (disk full) its
-  // CacheIOError propagates and the entries it was moving stay in memory: nothing is lost.
+  // Stores (or replaces) an entry; records are validated. Room is made first: LRU entries are
+  // spilled (blocking on their writes) before the entry goes in, so if a spill write fails
+  // (disk full) its CacheIOError propagates, the entries it was moving stay in memory and the
+  // put has changed nothing (a replaced entry keeps its old value). An entry larger than
+  // max_memory_bytes is written straight to disk. Without a spill directory a put over budget
+  // throws CacheBudgetExceeded.
   void put(const CacheKey& key, std::shared_ptr<const EntryData> data);
-  // The entry's data (shared, immutable). Reads it back from disk when spilled. With release, an
+  // The entry's data (shared, immutable). Reads it back from disk when spilled (a read that
+  // cannot make room because spilling others fails, e.g. disk full, still returns the data and
+  // leaves the entry on disk only). With release, an
   // entry that has a complete spill file is handed over: it leaves memory (or, read from disk
   // for this get, never enters it) and the file stays the store's copy, so the caller holds the
   // only reference and a later get reads the file again. Entries held only in memory stay.
@@ -92,6 +104,7 @@ class CacheStoreCore {
   StoreStats stats() const;
   std::vector<CacheKey> keys() const;  // sorted by (block, batch)
   const std::string& spill_dir() const { return spill_dir_; }
+  uint64_t store_id() const { return store_id_; }
   bool closed() const;
 
  private:
@@ -101,6 +114,7 @@ class CacheStoreCore {
     uint64_t bytes = 0;                     // payload bytes when in memory
     bool pinned = false;
     std::string path;                       // non-empty: a complete file holds this gen
+    SpillOwner owner;                       // the owner recorded in that file
     uint64_t file_bytes = 0;
     bool owned_file = false, writing = false, loading = false, prefetched = false;
     std::list<CacheKey>::iterator lru;      // valid while data != null
@@ -116,7 +130,16 @@ class CacheStoreCore {
   void install_memory_locked(const CacheKey& key, Entry& e,
                              std::shared_ptr<const EntryData> data);
   void remove_locked(const CacheKey& key, Entry& e);
-  std::vector<Victim> make_room_locked();
+  // Picks the entries that must leave memory for `add_bytes` / `add_entries` more (replacing
+  // `replacing`'s in-memory copy, if any, which is never picked).
+  std::vector<Victim> make_room_locked(uint64_t add_bytes = 0, uint64_t add_entries = 0,
+                                       const CacheKey* replacing = nullptr);
+  // Installs a new generation of `key` (in memory, or on disk only when `path` is set).
+  void install_new_locked(const CacheKey& key, uint64_t gen, std::shared_ptr<const EntryData> data,
+                          const std::pair<std::string, uint64_t>* file);
+  void put_to_disk(const CacheKey& key, std::shared_ptr<const EntryData> data);
+  void lock_directory();
+  void unlock_directory();
   // Whether a read-ahead of `bytes` fits in the budgets beside the entries already read ahead
   // and not read yet (everything else can leave memory to make room).
   bool read_ahead_fits_locked(uint64_t bytes) const;
@@ -128,6 +151,9 @@ class CacheStoreCore {
 
   const StoreLimits limits_;
   const std::string spill_dir_;
+  uint64_t store_id_ = 0;
+  int lock_fd_ = -1;
+  std::string lock_path_;
   BlobAllocator alloc_;
   void* alloc_ctx_;
 

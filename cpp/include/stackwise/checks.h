@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <initializer_list>
 
 namespace stackwise {
@@ -38,6 +39,26 @@ inline void check_device_type(const at::Tensor& t, at::DeviceType type, const ch
                               const char* arg) {
   TORCH_CHECK(t.device().type() == type, op, ": ", arg, " must be a ", type, " tensor, got ",
               t.device());
+}
+
+// a * b for sizes given as arguments (not read from a tensor, which torch keeps in range):
+// both must be >= 0 and the product must fit in int64, else the op fails naming `what`.
+inline int64_t checked_size_mul(int64_t a, int64_t b, const char* op, const char* what) {
+  int64_t r = 0;
+  TORCH_CHECK_VALUE(a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, &r), op, ": ", what, " (",
+                    a, " x ", b, ") is negative or does not fit in a 64-bit size");
+  return r;
+}
+
+// The element count of a shape given as an argument, overflow-checked.
+inline int64_t checked_numel(at::IntArrayRef shape, const char* op, const char* arg) {
+  int64_t n = 1;
+  for (int64_t s : shape) {
+    TORCH_CHECK_VALUE(s >= 0, op, ": ", arg, " has a negative size: ", shape);
+    TORCH_CHECK_VALUE(!__builtin_mul_overflow(n, s, &n), op, ": ", arg, " ", shape,
+                      " has more elements than fit in a 64-bit size");
+  }
+  return n;
 }
 
 }  // namespace stackwise

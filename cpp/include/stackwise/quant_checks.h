@@ -24,12 +24,7 @@ inline void check_quantize_nf4(const at::Tensor& x, int64_t block_size) {
 }
 
 inline int64_t numel_of(at::IntArrayRef shape, const char* op) {
-  int64_t n = 1;
-  for (int64_t s : shape) {
-    TORCH_CHECK_VALUE(s >= 0, op, ": shape has a negative size ", shape);
-    n *= s;
-  }
-  return n;
+  return checked_numel(shape, op, "shape");
 }
 
 inline void check_dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax,
@@ -48,9 +43,10 @@ inline void check_dequantize_nf4(const at::Tensor& packed, const at::Tensor& abs
   const int64_t n = numel_of(shape, op);
   TORCH_CHECK_VALUE(n % block_size == 0, op, ": shape ", shape, " has ", n,
                     " elements, not a multiple of block_size ", block_size);
-  TORCH_CHECK_VALUE(packed.numel() * 2 == n, op, ": packed has ", packed.numel(),
+  // n is a multiple of block_size (>= 32), so n / 2 and n / block_size are exact.
+  TORCH_CHECK_VALUE(packed.numel() == n / 2, op, ": packed has ", packed.numel(),
                     " bytes but shape ", shape, " needs ", n / 2);
-  TORCH_CHECK_VALUE(absmax.numel() * block_size == n, op, ": absmax has ", absmax.numel(),
+  TORCH_CHECK_VALUE(absmax.numel() == n / block_size, op, ": absmax has ", absmax.numel(),
                     " values but shape ", shape, " with block_size ", block_size, " needs ",
                     n / block_size);
 }

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "stackwise/macros.h"
 
@@ -55,6 +56,19 @@ STACKWISE_HOST_DEVICE uint8_t nf4_encode(float s, const float* midpoints) {
 // Scale factor applied to a block: the float32 reciprocal of the clamped absmax.
 STACKWISE_HOST_DEVICE float nf4_inv_scale(float absmax) {
   return 1.0f / (absmax > kNf4MinAbsmax ? absmax : kNf4MinAbsmax);
+}
+
+// One step of an absmax reduction that keeps a NaN: a block (NF4) or row (int8, fp8) holding
+// NaN or +-inf gets a NaN scale, so every value dequantized from it is NaN (never a plausible
+// finite number). Also combines two partial absmax values.
+STACKWISE_HOST_DEVICE float absmax_step(float am, float v) {
+  const float a = v < 0.0f ? -v : v;
+  return (a > am || a != a) ? a : am;
+}
+
+// The absmax a scale is made from: NaN when the reduction met a non-finite value.
+STACKWISE_HOST_DEVICE float finite_absmax_or_nan(float am) {
+  return am <= std::numeric_limits<float>::max() ? am : std::numeric_limits<float>::quiet_NaN();
 }
 
 STACKWISE_HOST_DEVICE float clamp_unit(float s) {

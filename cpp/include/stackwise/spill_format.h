@@ -4,12 +4,12 @@
 // "value" and companions such as masks or token ids) and small string metadata. A record is
 // opaque bytes plus what is needed to read them back: dtype code, shape, storage precision.
 //
-// Spill file, version 1 (little-endian hosts; all integers in host order):
+// Spill file, version 2 (little-endian hosts; all integers in host order):
 //   fixed header, 32 bytes:
 //     magic "SWACTCH\0" (8) | u32 format version | u32 header_bytes (fixed + variable part)
 //     | u64 payload_bytes | u32 CRC-32C | u32 reserved (0)
 //   variable header:
-//     i64 block | i64 batch | u32 n_records | u32 n_meta
+//     i64 block | i64 batch | u64 store id | u64 generation | u32 n_records | u32 n_meta
 //     per record: u16 name length, name, u8 dtype, u8 storage, u8 ndim, u8 reserved,
 //                 i64 dims[ndim], u64 payload length
 //     per meta item: u32 key length, key, u32 value length, value
@@ -17,6 +17,12 @@
 // The CRC-32C covers the whole header (its own field read as 0) and every payload byte. A file is
 // written to a temporary name in the same directory, fsynced, renamed, and the directory fsynced,
 // so a reader sees either no file or a complete one.
+//
+// Owner: the store id (random, one per store) and the entry's generation (one per put) are in
+// the header and in the file name, blk<block>_batch<batch>.<store id, 16 hex>-<generation>.swspill:
+// two stores sharing a spill directory never write the same name, a store reads back only a file
+// carrying the owner it recorded, and a late write of a replaced generation cannot overwrite or
+// delete the current one's file.
 #pragma once
 
 #include <cstddef>
@@ -30,7 +36,7 @@
 namespace stackwise::core {
 
 inline constexpr char kSpillMagic[8] = {'S', 'W', 'A', 'C', 'T', 'C', 'H', '\0'};
-inline constexpr uint32_t kSpillFormatVersion = 1;
+inline constexpr uint32_t kSpillFormatVersion = 2;
 inline constexpr size_t kSpillFixedHeaderBytes = 32;
 inline constexpr const char* kSpillSuffix = ".swspill";
 inline constexpr const char* kSpillTempPrefix = ".tmp-";
@@ -108,23 +114,35 @@ class CacheIOError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Who wrote a spill file: the store's id and the entry's generation in that store.
+struct SpillOwner {
+  uint64_t store = 0;
+  uint64_t gen = 0;
+  bool operator==(const SpillOwner& o) const { return store == o.store && gen == o.gen; }
+};
+
 // What a header says, validated for size and consistency (payload CRC not checked).
 struct SpillHeader {
   CacheKey key;
+  SpillOwner owner;
   uint64_t header_bytes = 0, payload_bytes = 0;
   uint32_t crc = 0;
   EntryData layout;  // records without payloads, and the metadata
 };
 
-std::string spill_file_name(const CacheKey& key);
-bool parse_spill_file_name(const std::string& name, CacheKey* key);
+std::string spill_file_name(const CacheKey& key, const SpillOwner& owner);
+bool parse_spill_file_name(const std::string& name, CacheKey* key, SpillOwner* owner);
+std::string hex_id(uint64_t id);  // 16 lower-case hex digits
 
-// Atomically writes `entry` as `dir/spill_file_name(key)`; returns the path and file size.
+// Atomically writes `entry` as `dir/spill_file_name(key, owner)`; returns the path and size.
 std::pair<std::string, uint64_t> write_spill_file(const std::string& dir, const CacheKey& key,
-                                                  const EntryData& entry);
+                                                  const EntryData& entry,
+                                                  const SpillOwner& owner = {});
 SpillHeader read_spill_header(const std::string& path);
-// Reads and fully validates a file (header, sizes, CRC); payloads from `alloc`.
+// Reads and fully validates a file (header, sizes, CRC, and the key and owner when given);
+// payloads from `alloc`.
 EntryData read_spill_file(const std::string& path, const CacheKey* expect_key = nullptr,
-                          BlobAllocator alloc = nullptr, void* alloc_ctx = nullptr);
+                          BlobAllocator alloc = nullptr, void* alloc_ctx = nullptr,
+                          const SpillOwner* expect_owner = nullptr);
 
 }  // namespace stackwise::core

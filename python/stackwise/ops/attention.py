@@ -18,8 +18,12 @@ Fully masked query rows (every key padded) return zeros and zero gradients; thei
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from stackwise.ops._grad import first_order_only
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -44,7 +48,7 @@ def attention(
         v: ``[B, Hkv, S, Dv]``; ``Dv`` may differ from ``Dqk`` (MLA uses 192/128).
         causal: query ``i`` attends keys ``j <= i``.
         key_padding_mask: optional ``[B, S]`` bool, True = attend to that key.
-        scale: score scale, default ``1 / sqrt(Dqk)``.
+        scale: score scale, finite; default ``1 / sqrt(Dqk)`` (``Dqk >= 1``).
 
     Returns:
         ``[B, Hq, S, Dv]`` contiguous, in the input dtype (bf16/fp16 accumulate in float32).
@@ -105,6 +109,10 @@ def _check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None)
     _check_dim(op, "v", v, 2, q.shape[2], "sequence length")
     _check_dim(op, "k", k, 3, q.shape[3], "head dim")
     _check_dim(op, "v", v, 1, k.shape[1], "kv head count")
+    torch._check_value(
+        q.shape[3] > 0,
+        lambda: f"{op}: q's head dim (Dqk, dim 3) must be >= 1, got shape {list(q.shape)}",
+    )
     torch._check(
         k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
         lambda: (
@@ -133,6 +141,13 @@ def _check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None)
         )
 
 
+def _check_scale(op: str, scale: float | None) -> None:
+    torch._check_value(
+        scale is None or math.isfinite(scale),
+        lambda: f"{op}: scale must be a finite number (or None for 1/sqrt(Dqk)), got {scale}",
+    )
+
+
 def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
@@ -147,6 +162,7 @@ def _attention_forward_fake(
     scale: float | None,
 ) -> tuple[Tensor, Tensor]:
     _check_inputs("attention_forward", q, k, v, key_padding_mask)
+    _check_scale("attention_forward", scale)
     b, hq, s, _ = q.shape
     out = q.new_empty((b, hq, s, v.shape[3]))
     lse = q.new_empty((b, hq, s), dtype=_lse_dtype(q))
@@ -166,6 +182,7 @@ def _attention_backward_fake(
     scale: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_inputs("attention_backward", q, k, v, key_padding_mask)
+    _check_scale("attention_backward", scale)
     _check_like_q("attention_backward", q, "grad_out", grad_out)
     _check_like_q("attention_backward", q, "out", out)
     expected = [q.shape[0], q.shape[1], q.shape[2], v.shape[3]]
@@ -203,11 +220,12 @@ def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None) -> tuple:
     q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    grad_q, grad_k, grad_v = torch.ops.stackwise.attention_backward.default(
-        grad_out, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale
-    )
+    with torch.no_grad():
+        grad_q, grad_k, grad_v = torch.ops.stackwise.attention_backward.default(
+            grad_out, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale
+        )
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    return (
+    grads = (
         grad_q if need_q else None,
         grad_k if need_k else None,
         grad_v if need_v else None,
@@ -215,6 +233,7 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None) -> tuple:
         None,
         None,
     )
+    return first_order_only("attention", grads, grad_out, q, k, v)
 
 
 torch.library.register_autograd(

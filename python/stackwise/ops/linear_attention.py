@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor
 
+from stackwise.ops._grad import first_order_only
+
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -150,17 +152,19 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 def _backward(ctx, grad_out: Tensor) -> tuple:
     phi_q, phi_k, v = ctx.saved_tensors
-    grad_q, grad_k, grad_v = torch.ops.stackwise.linear_attention_backward.default(
-        grad_out, phi_q, phi_k, v, ctx.causal, ctx.eps
-    )
+    with torch.no_grad():
+        grad_q, grad_k, grad_v = torch.ops.stackwise.linear_attention_backward.default(
+            grad_out, phi_q, phi_k, v, ctx.causal, ctx.eps
+        )
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    return (
+    grads = (
         grad_q if need_q else None,
         grad_k if need_k else None,
         grad_v if need_v else None,
         None,
         None,
     )
+    return first_order_only("linear_attention", grads, grad_out, phi_q, phi_k, v)
 
 
 torch.library.register_autograd(

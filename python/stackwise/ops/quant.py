@@ -7,13 +7,13 @@ as asked raises :class:`stackwise.exceptions.QuantizationError` naming the argum
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from stackwise.exceptions import QuantizationError
+from stackwise.ops import quant_fake  # noqa: F401  (registers the fake kernels)
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -158,6 +158,11 @@ def _rows_view(x: Tensor, axis: int | None, block_size: int | None, op: str) -> 
 
 def _scale_rows(q: Tensor, scale: Tensor, op: str) -> tuple[Tensor, Tensor, int | None]:
     """The inverse mapping: a 2-D view of q and the row scales, plus the axis (None if blocks)."""
+    if scale.dim() == 0:  # per tensor, from axis=None on a 0-d x
+        return q.reshape(1, -1), scale.reshape(1).float(), None
+    if q.dim() == 1 and scale.dim() == 1 and scale.numel() > 0 and q.numel() % scale.numel() == 0:
+        # a 1-D x: one scale (axis=-1 or None) or one per block of block_size elements
+        return q.reshape(scale.numel(), -1), scale.float(), None
     if scale.dim() == q.dim() and scale.dim() > 0:
         diff = [d for d in range(q.dim()) if scale.shape[d] != q.shape[d]]
         if len(diff) > 1 or any(scale.shape[d] != 1 for d in diff):
@@ -277,66 +282,6 @@ def quantized_linear(
     return torch.ops.stackwise.quantized_linear.default(
         x, qweight, scales, fmt, out_features, in_features, block_size, bias
     )
-
-
-# ---- fake kernels ------------------------------------------------------------
-
-
-@torch.library.register_fake("stackwise::quantize_nf4")
-def _quantize_nf4_fake(x: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
-    n = x.numel()
-    return (
-        x.new_empty((n // 2,), dtype=torch.uint8),
-        x.new_empty((n // block_size,), dtype=torch.float32),
-    )
-
-
-@torch.library.register_fake("stackwise::dequantize_nf4")
-def _dequantize_nf4_fake(packed, absmax, shape, block_size, dtype):
-    torch._check(
-        packed.numel() * 2 == math.prod(shape),
-        lambda: (
-            f"dequantize_nf4: packed has {packed.numel()} bytes but shape {list(shape)} "
-            f"needs {math.prod(shape) // 2}"
-        ),
-    )
-    return packed.new_empty(list(shape), dtype=dtype)
-
-
-@torch.library.register_fake("stackwise::quantize_int8")
-def _quantize_int8_fake(x: Tensor) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
-
-
-@torch.library.register_fake("stackwise::quantize_fp8")
-def _quantize_fp8_fake(x: Tensor, fp8_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape, dtype=fp8_dtype), x.new_empty((x.shape[0],), dtype=torch.float32)
-
-
-@torch.library.register_fake("stackwise::dequantize_int8")
-def _dequantize_int8_fake(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    return q.new_empty(q.shape, dtype=dtype)
-
-
-@torch.library.register_fake("stackwise::dequantize_fp8")
-def _dequantize_fp8_fake(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    return q.new_empty(q.shape, dtype=dtype)
-
-
-@torch.library.register_fake("stackwise::quantized_linear")
-def _quantized_linear_fake(x, qweight, scales, fmt, out_features, in_features, block_size, bias):
-    torch._check(
-        x.shape[-1] == in_features,
-        lambda: f"quantized_linear: x must end in in_features={in_features}, got {tuple(x.shape)}",
-    )
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-@torch.library.register_fake("stackwise::quantized_linear_backward")
-def _quantized_linear_backward_fake(
-    grad_out, qweight, scales, fmt, out_features, in_features, block_size
-):
-    return grad_out.new_empty((*grad_out.shape[:-1], in_features))
 
 
 # ---- autograd ------------------------------------------------------------

@@ -10,8 +10,12 @@ fixed order (the same result run to run, whatever the thread count).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from stackwise.ops._grad import first_order_only
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -80,6 +84,9 @@ def _check_inputs(op: str, x: Tensor, weight: Tensor) -> None:
 @torch.library.register_fake("stackwise::rms_norm")
 def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     _check_inputs("rms_norm", x, weight)
+    torch._check_value(
+        math.isfinite(eps) and eps >= 0, lambda: f"rms_norm: eps must be finite and >= 0, got {eps}"
+    )
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     return out, x.new_empty(x.shape[:-1], dtype=_acc_dtype(x))
 
@@ -88,17 +95,44 @@ def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tenso
 def _rms_norm_backward_fake(
     grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor]:
-    _check_inputs("rms_norm_backward", x, weight)
+    op = "rms_norm_backward"
+    _check_inputs(op, x, weight)
+    torch._check(
+        grad_out.device == x.device,
+        lambda: (
+            f"{op}: grad_out is on {grad_out.device} but x is on {x.device}; "
+            "both must be on the same device"
+        ),
+    )
+    torch._check_type(
+        grad_out.dtype == x.dtype,
+        lambda: (
+            f"{op}: grad_out has dtype {grad_out.dtype} but x has dtype {x.dtype}; they must match"
+        ),
+    )
     torch._check_value(
         grad_out.shape == x.shape,
         lambda: (
-            f"rms_norm_backward: grad_out has shape {list(grad_out.shape)} but x has shape "
+            f"{op}: grad_out has shape {list(grad_out.shape)} but x has shape "
             f"{list(x.shape)}; they must match"
+        ),
+    )
+    torch._check(
+        rstd.device == x.device,
+        lambda: (
+            f"{op}: rstd is on {rstd.device} but x is on {x.device}; "
+            "both must be on the same device"
+        ),
+    )
+    torch._check_type(
+        rstd.dtype == _acc_dtype(x),
+        lambda: (
+            f"{op}: rstd must have dtype {_acc_dtype(x)} (x's accumulation type), got {rstd.dtype}"
         ),
     )
     torch._check_value(
         rstd.shape == x.shape[:-1],
-        lambda: f"rms_norm_backward: rstd must have shape {list(x.shape[:-1])}",
+        lambda: f"{op}: rstd must have shape {list(x.shape[:-1])}",
     )
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     return grad_x, weight.new_empty(weight.shape)
@@ -113,9 +147,13 @@ def _setup_context(ctx, inputs: tuple[Tensor, Tensor, float], output: tuple[Tens
 
 def _backward(ctx, grad_out: Tensor, _grad_rstd: Tensor | None):
     x, weight, rstd = ctx.saved_tensors
-    grad_x, grad_weight = torch.ops.stackwise.rms_norm_backward.default(grad_out, x, weight, rstd)
+    with torch.no_grad():
+        grad_x, grad_weight = torch.ops.stackwise.rms_norm_backward.default(
+            grad_out, x, weight, rstd
+        )
     need_x, need_w, _ = ctx.needs_input_grad
-    return (grad_x if need_x else None, grad_weight if need_w else None, None)
+    grads = (grad_x if need_x else None, grad_weight if need_w else None, None)
+    return first_order_only("rms_norm", grads, grad_out, x, weight)
 
 
 torch.library.register_autograd("stackwise::rms_norm", _backward, setup_context=_setup_context)

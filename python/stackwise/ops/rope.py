@@ -24,6 +24,8 @@ import functools
 import torch
 from torch import Tensor
 
+from stackwise.ops._grad import first_order_only
+
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -214,11 +216,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_q: Tensor, grad_k: Tensor):
     cos, sin = ctx.saved_tensors
-    gq, gk = torch.ops.stackwise.rope_backward.default(
-        grad_q, grad_k, cos, sin, ctx.rotary_dim, ctx.position_offset
-    )
+    with torch.no_grad():
+        gq, gk = torch.ops.stackwise.rope_backward.default(
+            grad_q, grad_k, cos, sin, ctx.rotary_dim, ctx.position_offset
+        )
     need_q, need_k = ctx.needs_input_grad[:2]
-    return (gq if need_q else None, gk if need_k else None, None, None, None, None)
+    grads = (gq if need_q else None, gk if need_k else None, None, None, None, None)
+    # The rotation is linear in q and k: only a graph through the incoming gradients matters.
+    return first_order_only("rope", grads, grad_q, grad_k)
 
 
 torch.library.register_autograd("stackwise::rope", _backward, setup_context=_setup_context)

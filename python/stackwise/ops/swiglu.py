@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from stackwise.ops._grad import first_order_only
+
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -82,9 +84,11 @@ def _setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
 
 def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None]:
     gate, up = ctx.saved_tensors
-    grad_gate, grad_up = torch.ops.stackwise.swiglu_backward.default(grad_out, gate, up)
+    with torch.no_grad():
+        grad_gate, grad_up = torch.ops.stackwise.swiglu_backward.default(grad_out, gate, up)
     need_gate, need_up = ctx.needs_input_grad
-    return (grad_gate if need_gate else None, grad_up if need_up else None)
+    grads = (grad_gate if need_gate else None, grad_up if need_up else None)
+    return first_order_only("swiglu", grads, grad_out, gate, up)
 
 
 torch.library.register_autograd("stackwise::swiglu", _backward, setup_context=_setup_context)

@@ -115,10 +115,13 @@ class MemoryPlan:
         return format_plan(self)
 
 
-def compute_dtype_name(training, device_type: str = "cuda") -> str:
-    """The precision the forward pass computes in on ``device_type``: ``training.autocast:
-    true`` is bf16, else ``training.dtype`` (fp32, bf16 or fp16; ``auto`` is bf16 on CUDA and
-    fp32 elsewhere)."""
+def compute_dtype_name(training, device_type: str | None = None) -> str:
+    """The precision the forward pass computes in on ``device_type`` (default: the run's,
+    ``training.device``, with ``auto`` taken as the accelerator the plan is for):
+    ``training.autocast: true`` is bf16, else ``training.dtype`` (fp32, bf16 or fp16; ``auto``
+    is bf16 on CUDA and fp32 on the CPU)."""
+    if device_type is None:
+        device_type = "cpu" if training.device == "cpu" else "cuda"
     if training.dtype == "auto":
         name = "bf16" if device_type == "cuda" else "fp32"
     else:
@@ -180,10 +183,13 @@ def _optimizer_bytes(optimizer_cfg, trainable: list[Tensor]) -> int:
     raise ConfigurationError(f"the planner does not know optimizer {name!r}", "optimizer.name")
 
 
-def plan_memory(config, device_memory: int | None = None, end_to_end: bool = False) -> MemoryPlan:
+def plan_memory(
+    config, device_memory: int | None = None, end_to_end: bool = False, first_stage: int = 0
+) -> MemoryPlan:
     """Plan every stage of ``config``'s progressive run (``progressive.target_stacks`` stages);
     ``device_memory`` in bytes, None to skip the fit check. ``end_to_end``: one stage training
-    the whole rack at once instead (the baseline)."""
+    the whole rack at once instead (the baseline). ``first_stage``: the stages before it are not
+    trained (a pretrained trunk of that many stacks, ``training.init_from``) and not listed."""
     from stackwise.run.plan_stages import end_to_end_state, stage_states
 
     t = config.training
@@ -192,6 +198,8 @@ def plan_memory(config, device_memory: int | None = None, end_to_end: bool = Fal
     with torch.device("meta"):
         states = [end_to_end_state(config)] if end_to_end else stage_states(config)
         for state in states:
+            if state.stage < first_stage:
+                continue
             frozen, trainable_bytes, trainable = _weight_bytes(state.rack)
             acts, acts_ckpt = state.activations(_AUTOCAST[dtype_name])
             plan = StagePlan(
@@ -239,6 +247,17 @@ def _cache_footprint(config, state, plan: StagePlan) -> None:
         )
 
 
+def plan_run(config, device_memory: int | None = None, end_to_end: bool = False) -> MemoryPlan:
+    """:func:`plan_memory` for ``config`` as ``stackwise train`` would run it: with
+    ``training.init_from``, the model section follows the pretrained model and its stacks are the
+    trunk (their stages are not planned)."""
+    from stackwise.model.hf_init import apply_init_from
+
+    pretrained = apply_init_from(config)
+    first = len(pretrained.rack.stacks) if pretrained is not None and not end_to_end else 0
+    return plan_memory(config, device_memory, end_to_end=end_to_end, first_stage=first)
+
+
 def parse_bytes(text: str) -> int:
     """``80GB``, ``80GiB``, ``141G``, ``512MB`` or a plain number of bytes -> bytes (GB and G
     mean GiB here, as GPU memory is quoted)."""
@@ -265,4 +284,5 @@ __all__ = [
     "gpu_compute_dtype",
     "parse_bytes",
     "plan_memory",
+    "plan_run",
 ]

@@ -129,6 +129,9 @@ def test_gguf_import_matches_transformers(tmp_path, tied):
         assert_close(imported.rack(ids), expected, "model_logits", torch.float32)
     text = "To be, or not to be: the question"
     assert imported.tokenizer.encode(text) == tok.encode(text).ids
+    from stackwise.data.tokenizers import get_tokenizer  # what a run's data.tokenizer reads
+
+    assert get_tokenizer(str(tmp_path / "tiny.gguf")).encode(text) == tok.encode(text).ids
 
 
 def test_gguf_errors_name_the_file(tmp_path):

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import stackwise
+from stackwise.ops.attention_dispatch import cuda_unsupported_reason
 from stackwise.ops.reference import attention_reference
 from utils import DEVICES, FLOAT_DTYPES, assert_close
 
 # (B, Hq, Hkv, S, Dqk, Dv): MHA, GQA 4:1 and 2:1, MQA; S of 1, 7, 123, 512 (one block, a partial
-# block, several blocks with a tail); D of 32, 64, 128 and MLA's 192/128.
+# block, several blocks with a tail); D of 32, 64, 96, 128, 256 and MLA's 192/128 (every pair
+# the CUDA kernel is instantiated for, stackwise.ops.attention_dispatch).
 SHAPES = [
     (1, 1, 1, 1, 32, 32),
     (2, 2, 2, 7, 64, 64),
@@ -25,6 +27,8 @@ SHAPES = [
     (1, 4, 1, 512, 128, 128),
     (1, 2, 2, 512, 192, 128),
     (2, 3, 3, 77, 32, 64),
+    (1, 4, 2, 77, 96, 96),
+    (1, 2, 2, 130, 256, 256),
 ]
 MASKS = ["none", "random", "empty_rows"]
 
@@ -34,17 +38,13 @@ def _has_kernel(device: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("stackwise::attention_forward", key)
 
 
-CUDA_DTYPES = (torch.bfloat16, torch.float16)
-CUDA_HEAD_DIMS = ((64, 64), (128, 128), (192, 128))
-
-
 def _skip_without_kernel(device: str, dtype=None, dqk=None, dv=None) -> None:
     if not _has_kernel(device):
         pytest.skip(f"no {device} kernel of stackwise::attention_forward in this build")
-    if device == "cuda" and (dtype not in CUDA_DTYPES or (dqk, dv) not in CUDA_HEAD_DIMS):
+    if device == "cuda" and cuda_unsupported_reason(dtype, dqk, dv) is not None:
         pytest.skip(
-            "the CUDA kernel takes bf16/fp16 with head dims 64, 128 or 192/128 "
-            "(test_cuda_rejects_unsupported_inputs checks the error otherwise)"
+            f"{cuda_unsupported_reason(dtype, dqk, dv)} (test_cuda_rejects_unsupported_inputs "
+            "checks the error otherwise)"
         )
 
 
@@ -339,8 +339,8 @@ def test_cuda_rejects_unsupported_inputs():
     q, k, v = _inputs((1, 2, 2, 16, 64, 64), torch.float32, "cuda")
     with pytest.raises(NotImplementedError, match="bfloat16 or float16"):
         stackwise.ops.attention(q, k, v)
-    q, k, v = _inputs((1, 2, 2, 16, 32, 32), torch.bfloat16, "cuda")
-    with pytest.raises(NotImplementedError, match=r"head dims .*got \(32, 32\)"):
+    q, k, v = _inputs((1, 2, 2, 16, 48, 48), torch.bfloat16, "cuda")
+    with pytest.raises(NotImplementedError, match=r"head dims .*\(48, 48\)"):
         stackwise.ops.attention(q, k, v)
 
 

@@ -30,6 +30,7 @@ def _config(training=None, **model):
             "training": {
                 "batch_size": 4,
                 "seq_len": 48,
+                "device": "cpu",  # the plan's compute dtype is the CPU run's
                 "max_steps": 0,
                 "qlora_enabled": False,
                 "time_step_masking": False,
@@ -168,3 +169,10 @@ def test_plan_command(capsys):
     assert stage["trained_blocks"] == stage["total_blocks"] == 4 and not stage["frozen"]
     assert main(["plan", "--config", cfg, "--device-memory", "lots"]) == 2
     assert "--device-memory" in capsys.readouterr().err
+
+
+def test_first_stage_skips_a_pretrained_trunk():
+    config = _config()
+    full = plan_memory(config)
+    (last,) = plan_memory(config, first_stage=1).stages
+    assert last.stage == 1 and last.total == full.stages[1].total

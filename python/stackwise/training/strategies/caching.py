@@ -23,11 +23,15 @@ bytes; beyond either, least-recently-used entries spill to ``spill_dir`` (checks
 with no spill directory, storing raises :class:`~stackwise.exceptions.CacheBudgetError` (nothing is
 ever dropped to make room). ``storage_precision`` ("as_is", "fp16", "bf16", "int8", "fp8")
 compresses the activations (masks are kept exactly); ``memory_stats()`` reports the error.
+
+A ``CacheManager`` may be used from several threads: its batch bookkeeping is guarded by a lock
+(each stored batch gets its own id) and the store underneath is thread-safe.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,6 +117,7 @@ class CacheManager:
         self._batches: dict[int, dict[int, None]] = {}
         self._next_batch: dict[int, int] = {}
         self._rack_block: int | None = None
+        self._lock = threading.RLock()  # guards the three above
 
     # ---- which boundaries ---------------------------------------------------------------------
     def should_cache(self, boundary_kind: str) -> bool:
@@ -144,23 +149,36 @@ class CacheManager:
             raise TypeError(f"activations must be a torch.Tensor, got {type(activations).__name__}")
         if masks is not None and not isinstance(masks, Tensor):
             raise TypeError(f"masks must be a torch.Tensor or None, got {type(masks).__name__}")
-        if batch_id is None:
-            batch_id = self._next_batch.get(block_idx, 0)
-        else:
+        if batch_id is not None:
             _check_int(batch_id, "batch_id", 0)
-        if self.cache_mode == "rack" and self._rack_block not in (None, block_idx):
-            self.evict(self._rack_block)  # the rack grew: the old boundary is no longer read
+        with self._lock:
+            if batch_id is None:  # reserved now, so that no other thread takes the same id
+                batch_id = self._next_batch.get(block_idx, 0)
+            reserved = self._next_batch.get(block_idx, 0)
+            self._next_batch[block_idx] = max(reserved, batch_id + 1)
+            if self.cache_mode == "rack" and self._rack_block not in (None, block_idx):
+                self.evict(self._rack_block)  # the rack grew: the old boundary is no longer read
         companions = {} if masks is None else {_MASKS: masks}
-        self._store.put(block_idx, batch_id, activations, companions)
-        batches = self._batches.setdefault(block_idx, {})
-        batches.pop(batch_id, None)
-        batches[batch_id] = None
-        self._next_batch[block_idx] = max(self._next_batch.get(block_idx, 0), batch_id + 1)
-        if self.cache_mode == "rack":
-            self._rack_block = block_idx
+        try:
+            self._store.put(block_idx, batch_id, activations, companions)
+        except BaseException:
+            with self._lock:  # nothing was stored: give the id back unless a later one is out
+                if self._next_batch.get(block_idx) == batch_id + 1 and reserved <= batch_id:
+                    self._next_batch[block_idx] = reserved
+            raise
+        with self._lock:
+            batches = self._batches.setdefault(block_idx, {})
+            batches.pop(batch_id, None)
+            batches[batch_id] = None
+            if self.cache_mode == "rack":
+                self._rack_block = block_idx
         return batch_id
 
     def _resolve(self, block_idx: int, batch_id: int | None) -> int:
+        with self._lock:
+            return self._resolve_locked(block_idx, batch_id)
+
+    def _resolve_locked(self, block_idx: int, batch_id: int | None) -> int:
         batches = self._batches.get(block_idx)
         if not batches:
             cached = sorted(b for b, v in self._batches.items() if v)
@@ -226,8 +244,9 @@ class CacheManager:
     ) -> Iterator[tuple[int, Tensor, Tensor | None]]:
         """Yields ``(batch_id, activations, masks)`` for every batch of ``block_idx`` in the order
         they were stored, reading the next ``prefetch`` spilled batches ahead in the background."""
-        self._resolve(block_idx, None)
-        ids = list(self._batches[block_idx])
+        with self._lock:
+            self._resolve_locked(block_idx, None)
+            ids = list(self._batches[block_idx])
         _check_int(prefetch, "prefetch", 0)
         for i, bid in enumerate(ids):
             if prefetch:
@@ -237,29 +256,33 @@ class CacheManager:
 
     def batch_ids(self, block_idx: int) -> list[int]:
         """Cached batch ids of a block, in the order they were stored."""
-        return list(self._batches.get(block_idx, {}))
+        with self._lock:
+            return list(self._batches.get(block_idx, {}))
 
     def blocks(self) -> list[int]:
         """Block indices with cached batches."""
-        return sorted(b for b, v in self._batches.items() if v)
+        with self._lock:
+            return sorted(b for b, v in self._batches.items() if v)
 
     def has_activations(self, block_idx: int, batch_id: int | None = None) -> bool:
-        batches = self._batches.get(block_idx, {})
-        return bool(batches) if batch_id is None else batch_id in batches
+        with self._lock:
+            batches = self._batches.get(block_idx, {})
+            return bool(batches) if batch_id is None else batch_id in batches
 
     # ---- housekeeping ------------------------------------------------------------------------
     def evict(self, block_idx: int, batch_id: int | None = None) -> None:
         """Removes one batch, or every batch of ``block_idx`` when ``batch_id`` is None."""
-        if batch_id is not None:
-            self._resolve(block_idx, batch_id)
-            self._store.evict(block_idx, batch_id)
-            del self._batches[block_idx][batch_id]
-            return
-        for bid in list(self._batches.get(block_idx, {})):
-            self._store.evict(block_idx, bid)
-        self._batches.pop(block_idx, None)
-        if self._rack_block == block_idx:
-            self._rack_block = None
+        with self._lock:
+            if batch_id is not None:
+                self._resolve_locked(block_idx, batch_id)
+                self._store.evict(block_idx, batch_id)
+                del self._batches[block_idx][batch_id]
+                return
+            for bid in list(self._batches.get(block_idx, {})):
+                self._store.evict(block_idx, bid)
+            self._batches.pop(block_idx, None)
+            if self._rack_block == block_idx:
+                self._rack_block = None
 
     def memory_stats(self) -> dict[str, Any]:
         """The store's statistics (bytes in memory / pinned / on disk, entries, hits, misses,
@@ -268,15 +291,17 @@ class CacheManager:
         stats["memory_mb"] = stats["bytes_in_memory"] / 2**20
         stats["disk_mb"] = stats["bytes_on_disk"] / 2**20
         stats["cache_mode"] = self.cache_mode
-        stats["batches_per_block"] = {b: len(v) for b, v in sorted(self._batches.items()) if v}
+        with self._lock:
+            stats["batches_per_block"] = {b: len(v) for b, v in sorted(self._batches.items()) if v}
         return stats
 
     def clear(self) -> None:
         """Removes every cached batch (and spill file)."""
-        self._store.clear()
-        self._batches.clear()
-        self._next_batch.clear()
-        self._rack_block = None
+        with self._lock:
+            self._store.clear()
+            self._batches.clear()
+            self._next_batch.clear()
+            self._rack_block = None
 
     def close(self) -> None:
         """Releases the store and removes the spill files it wrote."""
