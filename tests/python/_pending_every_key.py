@@ -176,9 +176,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["training.caching.max_memory_mb=0.001"],
     ),
     "training.caching.storage_precision": ([], ["training.caching.storage_precision=fp16"]),
+    # A spill directory matters once the memory budget is smaller than the cache.
     "training.caching.spill_dir": (
-        ["training.caching.max_cache_size=1"],
-        ["training.caching.spill_dir=spill"],
+        [],
+        ["training.caching.spill_dir=spill", "training.caching.max_cache_size=1"],
     ),
     "training.caching.prefetch": (SPILL, ["training.caching.prefetch=0"]),
     "training.checkpointing.enabled": ([], ["training.checkpointing.enabled=false"]),

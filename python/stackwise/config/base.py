@@ -185,7 +185,7 @@ class MaskingConfig:
 @dataclass
 class CachingConfig:
     max_cache_size: int = 1000
-    max_memory_mb: int = 2048
+    max_memory_mb: float = 2048.0
     storage_precision: str = choice("fp16", precision.spellings(precision.CACHE_STORAGE))
     spill_dir: str | None = None
     prefetch: int = 2
