@@ -155,6 +155,29 @@ def _print_table(rows: list[dict]) -> None:
         )
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table: one line per arm and budget."""
+    out = [
+        "| budget | arm | steps | tokens | held-out bpb | bpb after each stage | train s "
+        "| accelerator MiB (params / grads / optimizer / saved) | cache MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    mib = 2**20
+    for r in rows:
+        peak = max(r["stages"], key=lambda s: s["accel_bytes"])
+        parts = " / ".join(
+            f"{peak[k] / mib:.1f}"
+            for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "saved_activation_bytes")
+        )
+        stages = " → ".join(f"{s['eval_bpb']:.2f}" for s in r["stages"])
+        out.append(
+            f"| {r['budget']} | {r['arm']} | {r['steps']} | {r['tokens']:,} | "
+            f"**{r['eval_bpb']:.3f}** | {stages} | {r['train_s']:.0f} | "
+            f"{r['accel_peak_bytes'] / mib:.1f} ({parts}) | {r['cache_peak_bytes'] / mib:.1f} |"
+        )
+    return "\n".join(out)
+
+
 def _plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -202,8 +225,23 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="write each arm's configuration as DIR/<arm>.yaml (for stackwise train) and exit",
     )
+    p.add_argument(
+        "--report",
+        metavar="JSON",
+        help="print a result file (or a .partial.jsonl) as a markdown table and redraw --plot",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.report:
+        text = Path(args.report).read_text()
+        if args.report.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)["rows"]
+        print(markdown_table(rows))
+        _plot(rows, args.plot, f"Shakespeare, {args.report}")
+        print(f"wrote {args.plot}")
+        return 0
     if args.write_configs:
         shallow = 2 if args.shallow_depth == "auto" else int(args.shallow_depth)
         Path(args.write_configs).mkdir(parents=True, exist_ok=True)

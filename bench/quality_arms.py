@@ -114,6 +114,8 @@ def base_dict(steps: int, tokenizer: str) -> dict[str, Any]:
                 "target_stacks": N_STACKS,
                 "trunk_strategy": "frozen",
                 "training_objective": "clm",
+                "new_stack_init": "random",  # arms name what they change
+                "stage_budget": "uniform",
             },
             "caching": {"max_memory_mb": 8192, "max_cache_size": 100000},
             "checkpointing": {"enabled": False},

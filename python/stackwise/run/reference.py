@@ -110,7 +110,7 @@ DESCRIPTIONS: dict[str, str] = {
     "training.progressive.epochs_per_stack": "passes over the data per stage (no step count)",
     "training.progressive.steps_per_stack": "steps per stage (overrides max_steps)",
     "training.progressive.new_stack_init": (
-        "weights of each new stack: auto (identity on a training.init_from trunk, else random), "
+        "weights of each new stack: auto (identity on a training.init_from trunk, else copy), "
         "random, identity (zeroed output projections: adding it leaves the rack's output "
         "unchanged) or copy (of the stack it joins)"
     ),

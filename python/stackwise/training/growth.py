@@ -2,7 +2,8 @@
 are split over the stages. The progressive trainer calls these two functions; they hold no state.
 
 - ``training.progressive.new_stack_init`` (:func:`init_new_stack`): ``auto`` (the default:
-  ``identity`` when the trunk is a pretrained model, ``training.init_from``, else ``random``),
+  ``identity`` when the trunk is a pretrained model, ``training.init_from``, else ``copy``, the
+  best of the three in ``bench/quality.py``),
   ``random`` (the blocks' own initialisation), ``identity`` (every block's attention output
   projection and FFN down projection zeroed, so each block adds nothing to its input's residual
   stream and the new stack starts as the identity: adding it does not change the rack's
@@ -56,8 +57,8 @@ def init_new_stack(builder, new_idx: int, mode: str) -> None:
             f"{mode!r} is not one of {list(NEW_STACK_INITS)}",
             "training.progressive.new_stack_init",
         )
-    if mode == "auto":  # identity on a pretrained trunk (training.init_from), else random
-        mode = "identity" if getattr(builder.config.training, "init_from", None) else "random"
+    if mode == "auto":  # identity on a pretrained trunk (training.init_from), else copy
+        mode = "identity" if getattr(builder.config.training, "init_from", None) else "copy"
     stacks = builder.rack.stacks
     if mode == "random" or len(stacks) == 1:
         return
