@@ -233,7 +233,7 @@ class TrainingConfig:
     time_step_masking: bool = True
     seq_len: int = 256
     device: str = choice("auto", ("auto", "cpu", "cuda"))
-    dtype: str = choice("fp32", precision.spellings(precision.FLOAT))
+    dtype: str = choice("auto", ("auto", *precision.spellings(precision.FLOAT)))
     autocast: bool = False
     seed: int = 42
     log_every: int = 10

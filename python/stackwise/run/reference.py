@@ -76,8 +76,8 @@ DESCRIPTIONS: dict[str, str] = {
     "training.seq_len": "tokens per window (data.seq_len overrides it)",
     "training.device": "auto picks cuda when a GPU is visible",
     "training.dtype": (
-        "compute precision of forward passes: fp32, or bf16 / fp16 autocast over fp32 weights "
-        "(fp16 with loss scaling)"
+        "compute precision of forward passes: auto (bf16 autocast on CUDA, fp32 on the CPU), "
+        "fp32, or bf16 / fp16 autocast over fp32 weights (fp16 with loss scaling)"
     ),
     "training.autocast": "shorthand for training.dtype: bf16",
     "training.seed": "seed of initialisation, shuffling and masks",

@@ -53,10 +53,14 @@ from stackwise.training.strategies.masking import (
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def compute_dtype(training) -> torch.dtype | None:
-    """The autocast dtype of ``training`` (None: plain fp32): ``training.dtype``, with
-    ``training.autocast: true`` meaning bf16."""
+def compute_dtype(training, device_type: str = "cpu") -> torch.dtype | None:
+    """The autocast dtype of ``training`` on ``device_type`` (None: plain fp32):
+    ``training.dtype``, with ``training.autocast: true`` meaning bf16. ``auto`` (the default) is
+    bf16 on CUDA, the norm of LLM training and what the CUDA attention kernel takes (bf16/fp16
+    only), and fp32 on the CPU."""
     name = training.dtype
+    if name == "auto":
+        name = "bf16" if device_type == "cuda" else "fp32"
     if name not in _AUTOCAST_DTYPES:
         raise ConfigurationError(
             f"{name!r} is not one of {list(_AUTOCAST_DTYPES)}", "training.dtype"
@@ -129,7 +133,7 @@ class BatchStep:
             )
         self.masking = t.masking
         self.seed = t.seed
-        self.dtype = compute_dtype(t)
+        self.dtype = compute_dtype(t, device.type)
         self.set_tokenizer_ids(tokenizer_ids)
 
     def set_tokenizer_ids(self, tokenizer_ids: dict[str, int] | None) -> None:
