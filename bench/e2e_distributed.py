@@ -113,13 +113,13 @@ def worker(args) -> None:
     """One rank of a case (under torchrun)."""
     import torch
 
-    from stackwise.training.distributed import train_distributed
-    from stackwise.training.progressive import ProgressiveTrainer
+    from stackwise.run.launch import train_distributed
+    from stackwise.training.parallel import DataParallel
 
     nosync = args.strategy == "ddp-nosync"
     if nosync:  # every micro-batch skips the gradient all-reduce (timing only)
-        original = ProgressiveTrainer._no_sync
-        ProgressiveTrainer._no_sync = lambda self, skip: original(self, True)
+        original = DataParallel.no_sync
+        DataParallel.no_sync = lambda self, skip: original(self, True)
     config = _config(args.size, args.steps, "ddp" if nosync else args.strategy)
     torch.manual_seed(0)
     res = train_distributed(config, lambda ctx: _data(args.size))

@@ -148,7 +148,7 @@ class Meter:
 
 
 def run_arm(name: str, steps: int, args, shallow: int, eval_every: int) -> dict[str, Any]:
-    import stackwise.training.progressive as progressive
+    import stackwise.training.loop as loop
     from stackwise.data import create_data_loaders
     from stackwise.data.tokenizers import get_tokenizer
     from stackwise.run.evaluate import text_bytes
@@ -168,26 +168,29 @@ def run_arm(name: str, steps: int, args, shallow: int, eval_every: int) -> dict[
 
     meter: Meter | None = None
 
-    class MeteredTrainer(ProgressiveTrainer):
-        def _forward_loss(self, rack, m):
-            self._rack = rack
-            seen: dict[int, int] = {}
-            with torch.autograd.graph.saved_tensors_hooks(meter.pack(seen), lambda t: t):
-                loss = super()._forward_loss(rack, m)
-            meter.saved_peak = max(meter.saved_peak, sum(seen.values()))
-            return loss
-
-    build = progressive.build_optimizer
+    build = loop.build_optimizer
 
     def capture(*a, **k):
         meter.optimizer = build(*a, **k)
         return meter.optimizer
 
-    progressive.build_optimizer = capture
+    loop.build_optimizer = capture  # the one training loop builds every optimizer
     torch.manual_seed(cfg.training.seed)
     builder = ProgressiveRackBuilder(cfg, cfg.training.progressive.building_mode)
-    trainer = MeteredTrainer(cfg, tokenizer_ids=_tokenizer_ids(tok))
+    trainer = ProgressiveTrainer(cfg, tokenizer_ids=_tokenizer_ids(tok))
     trainer._rack = builder.rack
+    step_loss = trainer.step.loss
+
+    def metered_loss(model, modules, m, end=None):
+        """The step's loss with the tensors saved for backward counted (activation memory)."""
+        trainer._rack = model
+        seen: dict[int, int] = {}
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack(seen), lambda t: t):
+            loss = step_loss(model, modules, m, end)
+        meter.saved_peak = max(meter.saved_peak, sum(seen.values()))
+        return loss
+
+    trainer.step.loss = metered_loss
     meter = Meter(trainer, to_bpb)
     trainer.callbacks = [meter]
     accum = cfg.training.optimizer.grad_accumulation

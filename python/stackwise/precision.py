@@ -5,8 +5,8 @@ dtype its values are stored in, and where each precision may be used.
     canonical("half")                          # "fp16"
     canonical("nf4", allowed=CACHE_STORAGE)    # ConfigurationError: not usable there
 
-The configuration fields (``training.quantization_type``, ``training.progressive.
-new_stack_precision``, ``training.caching.storage_precision``), the quantization manager, the
+The configuration fields (``training.quantization_type``, ``training.dtype``,
+``training.caching.storage_precision``), the quantization manager, the
 rack builder, the activation cache and the weight backups all read this table, so a spelling
 accepted in one place means the same thing everywhere. A use is a tuple of canonical names:
 

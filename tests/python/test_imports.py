@@ -29,7 +29,6 @@ LAYERS = ("base", "config", "model", "data", "training", "run", "cli")
 _TOP_LEVEL_LAYER = {"cli": "cli", "__main__": "cli", "info": "cli"}
 
 # Cycles the training-loop rewrite (issue T1) is still cutting: their tests may fail until then.
-_PENDING = {"stackwise.training"}
 
 # Known exceptions, each to be removed when its module moves to the layer it belongs to; any
 # other upward import or cycle fails. The pretrained-model import/export (model/hf*.py) reads
@@ -130,14 +129,7 @@ def _area(module: str) -> str:
 AREAS = sorted({_area(m) for m in MODULES})
 
 
-def _pending(area: str):
-    marks = []
-    if area in _PENDING:
-        marks.append(pytest.mark.xfail(reason="cycle cut by the T1 rewrite", strict=False))
-    return pytest.param(area, marks=marks)
-
-
-@pytest.mark.parametrize("area", [_pending(a) for a in AREAS])
+@pytest.mark.parametrize("area", AREAS)
 def test_no_import_cycle(area):
     cycles = [
         c

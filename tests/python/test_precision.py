@@ -11,7 +11,7 @@ import torch
 
 from stackwise import precision
 from stackwise.config._schema import config_choices
-from stackwise.config.base import CachingConfig, ProgressiveConfig, StackWiseConfig, TrainingConfig
+from stackwise.config.base import CachingConfig, StackWiseConfig, TrainingConfig
 from stackwise.exceptions import ConfigurationError, QuantizationError, TrainingError
 from stackwise.training.backup import canonical_backup_precision
 from stackwise.training.strategies.caching import CacheManager
@@ -57,9 +57,11 @@ def test_every_cache_precision_the_config_accepts_the_cache_takes(value):
     assert cm.storage_precision == precision.PRECISIONS[precision.canonical(value)].cache_format
 
 
-@pytest.mark.parametrize("value", config_choices(ProgressiveConfig, "new_stack_precision"))
-def test_new_stack_precisions_are_float_casts(value):
-    assert canonical_backup_precision(value) in precision.FLOAT
+@pytest.mark.parametrize("value", config_choices(TrainingConfig, "dtype"))
+def test_compute_dtypes_are_float_casts(value):
+    # auto is bf16 on CUDA and fp32 on the CPU (compute_dtype in training/step.py)
+    for name in ("bf16", "fp32") if value == "auto" else (value,):
+        assert canonical_backup_precision(name) in precision.FLOAT
 
 
 def test_cache_precision_fp32_is_refused_by_config_as_by_the_cache():

@@ -24,7 +24,7 @@ from stackwise import precision
 from stackwise._io import atomic_write_text
 from stackwise.config import _schema
 from stackwise.config._schema import choice
-from stackwise.config.legacy import ATTENTION_PRESETS, translate_original_layout
+from stackwise.config.legacy import ATTENTION_PRESETS, check_removed, translate_original_layout
 from stackwise.config.validation import validate_config
 from stackwise.exceptions import (  # noqa: F401  (re-exported with the configuration)
     ConfigurationError,
@@ -144,7 +144,6 @@ class ProgressiveConfig:
     building_mode: str = choice("append", ("append", "prepend"))
     target_stacks: int = 2
     trunk_strategy: str = choice("frozen", ("frozen", "qlora"))
-    new_stack_precision: str = choice("full", precision.spellings(precision.FLOAT))
     cache_activations: bool = True
     time_interpretation: str = choice("depth", ("depth", "input"))
     training_objective: str = choice("clm", ("clm", "mlm", "diffusion"))
@@ -185,9 +184,8 @@ class MaskingConfig:
 
 @dataclass
 class CachingConfig:
-    cache_mode: str = choice("stack", ("stack", "rack", "fusion", "layerwise"))
     max_cache_size: int = 1000
-    max_memory_mb: int = 2048
+    max_memory_mb: float = 2048.0
     storage_precision: str = choice("fp16", precision.spellings(precision.CACHE_STORAGE))
     spill_dir: str | None = None
     prefetch: int = 2
@@ -235,7 +233,7 @@ class TrainingConfig:
     time_step_masking: bool = True
     seq_len: int = 256
     device: str = choice("auto", ("auto", "cpu", "cuda"))
-    dtype: str = choice("fp32", precision.spellings(precision.FLOAT))
+    dtype: str = choice("auto", ("auto", *precision.spellings(precision.FLOAT)))
     autocast: bool = False
     seed: int = 42
     log_every: int = 10
@@ -262,7 +260,6 @@ class DataConfig:
     tokenizer: str = "gpt2"
     val_fraction: float = 0.1
     seq_len: int | None = None
-    packing: bool = True
     text_field: str = "text"
 
 
@@ -392,6 +389,7 @@ class StackWiseConfig:
                 override_names[KEY_ALIASES[key]] = key
                 key = KEY_ALIASES[key]
             _schema.set_dotted(raw, key, _schema.yaml_load(text) if text.strip() else None)
+        check_removed(raw)
         raw, written_as = translate_original_layout(raw)
         written_as.update(override_names)
         raw = _resolve_aliases(raw, written_as)

@@ -148,6 +148,31 @@ def _translate_value(written: str, value: Any, raw: dict[str, Any]) -> Any:
     return value
 
 
+# Keys that were accepted and never read; a file that sets them gets an error saying why.
+REMOVED: dict[str, str] = {
+    "training.caching.cache_mode": (
+        "removed: the trainers keep exactly the boundary the stage being trained reads (the "
+        "activation cache's 'rack' mode); delete the key (CacheManager(cache_mode=...) remains "
+        "for direct use)"
+    ),
+    "data.packing": (
+        "removed: the loaders always pack the token stream (documents joined by the end-of-text "
+        "token) into windows of seq_len; delete the key"
+    ),
+    "training.progressive.new_stack_precision": (
+        "removed: the stack being trained keeps fp32 master weights; use training.dtype (bf16 "
+        "or fp16) for mixed-precision compute, and training.quantization_type for the trunk"
+    ),
+}
+
+
+def check_removed(raw: dict[str, Any]) -> None:
+    """ConfigurationError naming the first removed key ``raw`` sets (:data:`REMOVED`)."""
+    for key, why in REMOVED.items():
+        if _has(raw, key):
+            raise ConfigurationError(why, key)
+
+
 def translate_original_layout(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """Rewrite the original layout's keys in ``raw`` (in place) as this project's keys; return
     ``(raw, written_as)``. Raise ConfigurationError, naming the key as written, for a value
@@ -196,6 +221,8 @@ __all__ = [
     "ATTENTION_PRESETS",
     "OriginalLayoutWarning",
     "PRESET_RENAMES",
+    "REMOVED",
     "RENAMES",
+    "check_removed",
     "translate_original_layout",
 ]

@@ -159,6 +159,7 @@ class LexicalKernelManager(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         self.family = family
         self.embedding_option = embedding_option
+        self.freeze_embeddings = bool(freeze_embeddings)
         self.tie_embeddings = tie_embeddings
         if embedding_option == "embed_tokens":
             path = path or os.environ.get("STACKWISE_EMBEDDINGS_PATH")

@@ -57,10 +57,15 @@ DESCRIPTIONS: dict[str, str] = {
     "model.tokenizer_embedding.embedding_dim": "width of the pretrained table when not d_model",
     "model.tokenizer_embedding.adapter": "trainable projection from embedding_dim to d_model",
     "model.tokenizer_embedding.adapter_hidden_dim": "hidden width of that projection",
-    "training.mode": "training scheme of the original layout; the progressive trainer is used",
-    "training.block_size": "blocks per unit of the original layout (not read by stackwise train)",
-    "training.fusion_mode": "trunk handling of the fusion trainer (not read by stackwise train)",
-    "training.total_blocks": "blocks of the original layout (not read by stackwise train)",
+    "training.mode": (
+        "hierarchical scheme trained when training.progressive.enabled is false "
+        "(rackwise: the end-to-end baseline)"
+    ),
+    "training.block_size": "blocks per unit of training.mode blockwise and fused",
+    "training.fusion_mode": "trunk handling of training.mode fused (frozen, or trainable adapters)",
+    "training.total_blocks": (
+        "fusion blocks of a FusionTrainer that builds its own model (Python API)"
+    ),
     "training.learning_rate": "peak learning rate of every stage (alias training.lr)",
     "training.batch_size": "windows per step",
     "training.max_steps": "total steps, split evenly over the stages, when steps_per_stack is null",
@@ -70,8 +75,11 @@ DESCRIPTIONS: dict[str, str] = {
     "training.time_step_masking": "masked input per stage (required off for prepend + clm)",
     "training.seq_len": "tokens per window (data.seq_len overrides it)",
     "training.device": "auto picks cuda when a GPU is visible",
-    "training.dtype": "parameter dtype (fp32 on CPU)",
-    "training.autocast": "mixed precision autocast (not read by stackwise train yet)",
+    "training.dtype": (
+        "compute precision of forward passes: auto (bf16 autocast on CUDA, fp32 on the CPU), "
+        "fp32, or bf16 / fp16 autocast over fp32 weights (fp16 with loss scaling)"
+    ),
+    "training.autocast": "shorthand for training.dtype: bf16",
     "training.seed": "seed of initialisation, shuffling and masks",
     "training.log_every": "steps between metrics records and plain progress lines",
     "training.eval_every": "steps between validation evaluations (and at each stage's end)",
@@ -90,11 +98,12 @@ DESCRIPTIONS: dict[str, str] = {
     "training.optimizer.min_lr_ratio": "final learning rate as a share of the peak",
     "training.optimizer.grad_clip": "global gradient-norm clip (0: off)",
     "training.optimizer.grad_accumulation": "steps whose gradients add up before an update",
-    "training.progressive.enabled": "progressive (stack by stack) training",
+    "training.progressive.enabled": (
+        "progressive (stack by stack) training; false trains training.mode instead"
+    ),
     "training.progressive.building_mode": "append grows left to right, prepend right to left",
     "training.progressive.target_stacks": "stacks to train (at most architecture.n_stacks)",
     "training.progressive.trunk_strategy": "frozen trunk, or NF4 trunk with trainable LoRA",
-    "training.progressive.new_stack_precision": "precision of the stack being trained",
     "training.progressive.cache_activations": "cache the frozen part's output",
     "training.progressive.time_interpretation": "what the mask schedule indexes (depth: stacks)",
     "training.progressive.training_objective": "next token (clm), masked tokens (mlm), diffusion",
@@ -130,7 +139,6 @@ DESCRIPTIONS: dict[str, str] = {
     "training.masking.schedule": "how the ratio moves between the two over the stacks",
     "training.masking.mask_token_prob": "mlm: share of selected positions set to the mask token",
     "training.masking.random_token_prob": "mlm: share of selected positions set to a random token",
-    "training.caching.cache_mode": "granularity of cached activations",
     "training.caching.max_cache_size": "most cached batches in memory",
     "training.caching.max_memory_mb": "memory budget of the activation cache",
     "training.caching.storage_precision": "precision of cached activations",
@@ -147,7 +155,6 @@ DESCRIPTIONS: dict[str, str] = {
     "data.tokenizer": "gpt2, bytes, or a local tokenizer.json / vocab.txt",
     "data.val_fraction": "share of documents (of tokens for one file) held out for validation",
     "data.seq_len": "tokens per window (null: training.seq_len)",
-    "data.packing": "pack documents into fixed windows (always on)",
     "data.text_field": "field holding the text in a .jsonl corpus",
 }
 

@@ -11,6 +11,7 @@ final rack is evaluated on the whole validation split and compared with the unig
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -137,9 +138,7 @@ def _trainer_and_builder(run: RunDirectory, config, tok, resume: bool):
     ids = _tokenizer_ids(tok)
     if resume and (run.checkpoints / "latest").is_file():
         trainer, builder = ProgressiveTrainer.resume(str(run.checkpoints), config)
-        trainer.mask_token_id = ids.get("mask", trainer.mask_token_id)
-        trainer.pad_token_id = ids.get("pad")
-        trainer.special_ids = tuple(ids.values())
+        trainer.set_tokenizer_ids(ids)
     else:
         torch.manual_seed(config.training.seed)
         prog = config.training.progressive
@@ -150,6 +149,64 @@ def _trainer_and_builder(run: RunDirectory, config, tok, resume: bool):
         trainer = ProgressiveTrainer(config=config, tokenizer_ids=ids)
     trainer.checkpoint_dir = str(run.checkpoints)
     return trainer, builder
+
+
+class _UnitsAsStages:
+    """The hierarchical trainer's units reported through the run's stage callbacks (metrics,
+    progress): unit k of n is stage k of n."""
+
+    def __init__(self, callbacks: list, n_units: int, n_stacks: int) -> None:
+        self.callbacks, self.n_units, self.n_stacks = callbacks, n_units, n_stacks
+        self.stage = -1
+
+    def _fields(self, info: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "stack_index": info.get("index", self.stage),
+            "n_stacks": self.n_stacks,
+            "target_stacks": self.n_units,
+            "mask_ratio": info.get("mask_ratio", 0.0),
+        }
+
+    def _call(self, event: str, info: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn({**info, **self._fields(info)})
+
+    def on_unit_start(self, info: dict[str, Any]) -> None:
+        self.stage += 1
+        self._call("on_stage_start", info)
+
+    def on_step(self, info: dict[str, Any]) -> None:
+        self._call("on_step", info)
+
+    def on_eval(self, info: dict[str, Any]) -> None:
+        self._call("on_eval", info)
+
+    def on_unit_end(self, record: dict[str, Any]) -> None:
+        self._call("on_stage_end", record)
+
+
+def _hierarchical_trainer(config, tok, resume: bool):
+    """``training.progressive.enabled: false``: the hierarchical :class:`Trainer` in
+    ``training.mode`` (``rackwise`` is the end-to-end baseline). These runs keep no
+    checkpoints, so there is nothing to resume."""
+    from stackwise.training import Trainer
+
+    if resume:
+        raise ConfigurationError(
+            "--resume continues progressive runs only (they checkpoint every stage); a "
+            f"training.mode {config.training.mode!r} run starts again with --overwrite",
+            "training.progressive.enabled",
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigurationError(
+            "data-parallel runs (torchrun) train progressively only; set it to true or "
+            "launch one process",
+            "training.progressive.enabled",
+        )
+    return Trainer(config, tokenizer_ids=_tokenizer_ids(tok))
 
 
 def _train_worker(run: RunDirectory, config, tok, loaders, resume: bool) -> None:
@@ -190,19 +247,29 @@ def _train(
         f"{train_loader.dataset.seq_len}), {len(val_loader.dataset.tokens):,} val tokens"
     )
 
-    trainer, builder = _trainer_and_builder(run, config, tok, resume)
-    resumed_step = checkpoint_global_step(run.resume_folder)  # within a stage too
-    if resume and (run.checkpoints / "latest").is_file():
+    progressive = prog.enabled
+    if progressive:
+        trainer, builder = _trainer_and_builder(run, config, tok, resume)
+    else:
+        trainer, builder = _hierarchical_trainer(config, tok, resume), None
+    resumed_step = checkpoint_global_step(run.resume_folder) if resume else 0  # within a stage
+    if progressive and resume and (run.checkpoints / "latest").is_file():
         progress.line(
             f"resuming after stage {len(trainer.history)} of {prog.target_stacks} "
             f"(global step {resumed_step})"
         )
     if resume:  # only once the checkpoint has loaded under it: a misfit keeps the old config
         config.to_yaml(run.config)
+    global_step = lambda: sum(int(h.get("steps", 0)) for h in trainer.history)  # noqa: E731
     truncate_after(run.metrics, resumed_step, len(trainer.history))
     writer = MetricsWriter(run.metrics, str(run.tensorboard))
-    metrics = MetricsCallback(writer, config.training.log_every, lambda: trainer.global_step)
-    trainer.callbacks = [metrics, progress]
+    metrics = MetricsCallback(writer, config.training.log_every, global_step)
+    if progressive:
+        trainer.callbacks = [metrics, progress]
+    else:
+        trainer.callbacks = [
+            _UnitsAsStages([metrics, progress], trainer.n_units(), len(trainer.rack.stacks))
+        ]
     run.update_run_json(
         status="running",
         tokenizer=tok.name,
@@ -212,15 +279,27 @@ def _train(
         started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         tensorboard=writer.tensorboard,
     )
-    progress.line(
-        f"model: {config.model.n_layers} blocks in {prog.target_stacks} stacks "
-        f"({config.model.attention_type}, d_model {config.model.d_model}), {prog.building_mode} "
-        f"mode, {prog.training_objective} objective, {prog.trunk_strategy} trunk, device "
-        f"{trainer.device.type}"
-    )
+    m = config.model
+    if progressive:
+        progress.line(
+            f"model: {m.n_layers} blocks in {prog.target_stacks} stacks ({m.attention_type}, "
+            f"d_model {m.d_model}), {prog.building_mode} mode, {prog.training_objective} "
+            f"objective, {prog.trunk_strategy} trunk, device {trainer.device.type}"
+        )
+    else:
+        progress.line(
+            f"model: {len(trainer.rack.stacks)} stacks of {m.architecture.blocks_per_stack} "
+            f"blocks ({m.attention_type}, d_model {m.d_model}), hierarchical training, "
+            f"training.mode {trainer.mode!r} (training.progressive.enabled is false), "
+            f"{prog.training_objective} objective, device {trainer.device.type}"
+        )
     try:
-        trainer.train_rack(builder, train_loader, prog.target_stacks, eval_loader=eval_loader)
-        rack = builder.rack
+        if progressive:
+            trainer.train_rack(builder, train_loader, prog.target_stacks, eval_loader=eval_loader)
+            rack = builder.rack
+        else:
+            trainer.train(None, train_loader, eval_loader=eval_loader)
+            rack = trainer.rack
         save_rack(rack, run.rack)
         evaluation: dict[str, Any] = {}
         if eval_loader is not None:

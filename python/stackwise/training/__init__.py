@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from stackwise.training.core.fusion_trainer import FusionTrainer
-from stackwise.training.distributed import DistributedContext, train_distributed
+from stackwise.training.distributed import DistributedContext
 from stackwise.training.progressive import ProgressiveTrainer
 from stackwise.training.rack_builder import ProgressiveRackBuilder
 from stackwise.training.trainer import Trainer
@@ -15,5 +15,4 @@ __all__ = [
     "ProgressiveRackBuilder",
     "ProgressiveTrainer",
     "Trainer",
-    "train_distributed",
 ]

@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -129,32 +130,82 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+@dataclass
+class StageProgress:
+    """Where a stage stood when a mid-stage checkpoint was taken: its index, the optimizer steps
+    done of ``steps``, the planned rack size (``plan``, for the mask schedule), the per-step
+    losses and times so far, tokens, wall and cache-fill seconds, the data position
+    (:meth:`LoaderSource.position`, None when the stage reads the cache) and the optimizer and
+    LR-scheduler states (``optimizer`` as a ``state_dict`` once loaded)."""
+
+    stage: int
+    step: int
+    steps: int
+    plan: int
+    losses: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    tokens: int = 0
+    wall_s: float = 0.0
+    cache_fill_s: float = 0.0
+    data: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageProgress:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class ResumeState:
+    """What :func:`load_checkpoint` hands the trainer besides weights and history: the folder,
+    the progress of a stage under way (None at a stage's end), the global RNG states and the
+    extra generator states (the data loader's, ``loader.*``)."""
+
+    folder: str
+    progress: StageProgress | None
+    rng: dict[str, torch.Tensor]
+    rng_meta: dict[str, Any]
+    extra_rng: dict[str, torch.Tensor]
+
+
+def checkpoint_name(stage: int, step: int | None = None) -> str:
+    """``stage-NNN`` (a stage's end) or ``stage-NNN-step-KKKKKK`` (within a stage)."""
+    return f"stage-{stage:03d}" if step is None else f"stage-{stage:03d}-step-{step:06d}"
+
+
 def save_checkpoint(
     directory: str | os.PathLike[str],
-    trainer,
     builder,
-    progress: dict[str, Any] | None = None,
+    history: list[dict[str, Any]],
+    keep_last: int,
+    progress: StageProgress | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     extra_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint and point ``latest`` at it. Without ``progress``: the end of the stage
-    just finished (``builder.n_stacks - 1``); with it: the stage ``progress["stage"]`` after its
-    step ``progress["step"]`` (``optimizer`` and ``scheduler`` are that stage's).
+    """Write a checkpoint of ``builder``'s rack and the trainer's ``history`` and point
+    ``latest`` at it; keep the newest ``keep_last``. Without ``progress``: the end of the stage
+    just finished (``builder.n_stacks - 1``); with it: within stage ``progress.stage`` after its
+    step ``progress.step`` (``optimizer`` and ``scheduler`` are that stage's).
     ``extra_rng``: further generator states to keep (the data loader's)."""
     from safetensors.torch import save
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     if progress is None:
-        name = f"stage-{builder.n_stacks - 1:03d}"
+        name = checkpoint_name(builder.n_stacks - 1)
     else:
-        name = f"stage-{progress['stage']:03d}-step-{progress['step']:06d}"
+        name = checkpoint_name(progress.stage, progress.step)
     state = {k: v.detach().contiguous().cpu() for k, v in builder.rack.state_dict().items()}
     opt_tensors, in_progress = {}, None
     if progress is not None:
         opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer)
-        in_progress = dict(progress)
+        in_progress = progress.to_json()
         in_progress["optimizer"] = opt_meta
         in_progress["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     rng, rng_meta = capture_rng_state()
@@ -171,7 +222,7 @@ def save_checkpoint(
     }
     trainer_meta = {
         "version": _VERSION,
-        "history": trainer.history,
+        "history": history,
         "in_progress": in_progress,
         "rng": rng_meta,
     }
@@ -184,14 +235,8 @@ def save_checkpoint(
     }
     folder = _write_folder(root, name, files)
     atomic_write_text(root / "latest", folder.name + "\n")
-    keep_last = trainer.config.training.checkpointing.keep_last
     _prune(root, max(1, keep_last), folder)
     return folder
-
-
-def save_stage_checkpoint(directory: str | os.PathLike[str], trainer, builder) -> Path:
-    """Write the checkpoint of the stage just finished and point ``latest`` at it."""
-    return save_checkpoint(directory, trainer, builder)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -229,10 +274,21 @@ def _verified(folder: Path) -> dict[str, str]:
     return manifest
 
 
-def load_checkpoint_into(directory: str | os.PathLike[str], trainer, builder) -> Path:
-    """Restore the newest checkpoint of ``directory`` into an empty ``builder`` (no stacks yet)
-    and a fresh ``trainer``: stacks, weights, history, RNG states; the progress of a stage under
-    way is left in ``trainer._resume`` for ``train_rack`` to pick up. Returns the folder."""
+def checkpoint_building_mode(directory: str | os.PathLike[str]) -> str:
+    """The building mode (append / prepend) of the newest checkpoint in ``directory``."""
+    folder = latest_checkpoint(directory)
+    _verified(folder)
+    return json.loads((folder / "builder.json").read_text())["building_mode"]
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], builder, qlora_cfg
+) -> tuple[list[dict[str, Any]], ResumeState]:
+    """Restore the newest checkpoint of ``directory`` into an empty ``builder`` (no stacks yet):
+    stacks, conversions, weights; restore the global RNG states. Returns the trainer's history
+    and the :class:`ResumeState` (the progress of a stage under way, the generator states).
+    Every file's digest is checked first; anything missing, corrupt or not fitting the
+    configuration raises :class:`TrainingError` naming it."""
     from safetensors.torch import load_file
 
     folder = latest_checkpoint(directory)
@@ -241,8 +297,6 @@ def load_checkpoint_into(directory: str | os.PathLike[str], trainer, builder) ->
         raise TrainingError(
             f"resuming needs an empty rack builder, this one has {builder.n_stacks} stacks"
         )
-    if trainer.history:
-        raise TrainingError("resuming needs a trainer that has not trained yet")
     meta = json.loads((folder / "builder.json").read_text())
     if meta["building_mode"] != builder.building_mode:
         raise TrainingError(
@@ -252,11 +306,10 @@ def load_checkpoint_into(directory: str | os.PathLike[str], trainer, builder) ->
     for n_blocks, precision in zip(meta["blocks"], meta["precisions"], strict=True):
         builder.append_stack(n_blocks=n_blocks, precision=precision)
     ranks = meta.get("adapter_ranks") or [None] * len(meta["strategies"])
-    qlora = trainer.config.training.qlora
     for i, (strategy, ra) in enumerate(zip(meta["strategies"], ranks, strict=True)):
         if strategy:
             rank, alpha = (ra[0], ra[1]) if ra else (None, None)
-            builder.freeze_stack(i, strategy, qlora, rank=rank, alpha=alpha)
+            builder.freeze_stack(i, strategy, qlora_cfg, rank=rank, alpha=alpha)
     builder._layer_seed = meta["layer_seed"]
     try:
         builder.rack.load_state_dict(load_file(str(folder / "model.safetensors")))
@@ -265,49 +318,35 @@ def load_checkpoint_into(directory: str | os.PathLike[str], trainer, builder) ->
     state = json.loads((folder / "trainer.json").read_text())
     rng = load_file(str(folder / "rng.safetensors"))
     rng_meta = state.get("rng", {})
-    trainer.history = state["history"]
     in_progress = state.get("in_progress")
+    progress = None
     if in_progress is not None:
         if "optimizer.safetensors" not in manifest:
             raise TrainingError(f"checkpoint {folder} is missing optimizer.safetensors")
         opt_tensors = load_file(str(folder / "optimizer.safetensors"))
-        in_progress["optimizer"] = optimizer_state_from_tensors(
-            opt_tensors, in_progress["optimizer"]
-        )
-    trainer._resume = {
-        "folder": str(folder),
-        "in_progress": in_progress,
-        "rng": {k: v for k, v in rng.items() if not k.startswith("extra.")},
-        "rng_meta": rng_meta,
-        "extra_rng": {k[len("extra.") :]: v for k, v in rng.items() if k.startswith("extra.")},
-    }
-    restore_rng_state(trainer._resume["rng"], rng_meta)
-    trainer._seeded = True  # the RNG continues from the checkpoint, not from training.seed
-    return folder
-
-
-def load_stage_checkpoint(directory: str | os.PathLike[str], config, **trainer_kwargs):
-    """``(trainer, builder)`` restored from the newest checkpoint in ``directory``."""
-    from stackwise.training.progressive import ProgressiveTrainer
-    from stackwise.training.rack_builder import ProgressiveRackBuilder
-
-    folder = latest_checkpoint(directory)
-    _verified(folder)  # before reading builder.json for the building mode
-    mode = json.loads((folder / "builder.json").read_text())["building_mode"]
-    builder = ProgressiveRackBuilder(config, building_mode=mode)
-    trainer = ProgressiveTrainer(config, checkpoint_dir=str(directory), **trainer_kwargs)
-    load_checkpoint_into(directory, trainer, builder)
-    return trainer, builder
+        progress = StageProgress.from_json(in_progress)
+        progress.optimizer = optimizer_state_from_tensors(opt_tensors, in_progress["optimizer"])
+    resume = ResumeState(
+        folder=str(folder),
+        progress=progress,
+        rng={k: v for k, v in rng.items() if not k.startswith("extra.")},
+        rng_meta=rng_meta,
+        extra_rng={k[len("extra.") :]: v for k, v in rng.items() if k.startswith("extra.")},
+    )
+    restore_rng_state(resume.rng, rng_meta)
+    return state["history"], resume
 
 
 __all__ = [
+    "ResumeState",
+    "StageProgress",
     "capture_rng_state",
+    "checkpoint_building_mode",
     "checkpoint_folders",
+    "checkpoint_name",
     "has_checkpoint",
     "latest_checkpoint",
-    "load_checkpoint_into",
-    "load_stage_checkpoint",
+    "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
-    "save_stage_checkpoint",
 ]

@@ -1,54 +1,54 @@
-"""The training loop shared by the hierarchical :class:`~stackwise.training.trainer.Trainer` and
-the :class:`~stackwise.training.core.fusion_trainer.FusionTrainer`: train one *segment* of a
-model's module list on top of a frozen prefix, with the shared final norm and LM head.
+"""The training loop, once for every trainer: :meth:`TrainLoop.run` trains one :class:`Unit`.
 
-A model is seen as ``embed(ids) -> modules[0] -> ... -> modules[n-1] -> logits(h)``, each module
-taking ``(h [B, S, D], key_padding_mask [B, S] | None)``. Training the segment
-``modules[start:end]`` reads the activation entering ``modules[start]``:
+A unit is what a trainer trains at once: a progressive stage (one stack over a frozen trunk), a
+block or a stack of the hierarchical trainer, a fusion block. The trainer decides *what* trains
+(it freezes the rest and names the optimizer groups); the loop does the rest, like nanoGPT's
+``train.py``::
 
-- **cached** (the prefix is frozen): computed once per batch under ``no_grad`` and stored in the
-  :class:`CacheManager` under the index of the module it leaves (``start - 1``, the cache's
-  convention), with the labels and attention mask as companions; every step reads it back, so
-  the prefix is never recomputed;
-- **recomputed** (``start == 0``, caching off, or prefix parameters that train, such as LoRA
-  adapters of a quantized backbone): the prefix runs every step, gradients flowing only into
-  what requires them.
+    fill the cache (the frozen prefix's output, once per batch) or read the loader
+    for step in range(steps):
+        for each of grad_accumulation micro-batches: loss = step.loss(...); backward
+        clip; optimizer step; scheduler step; log; evaluate; checkpoint
+    evaluate; record
 
-Batches: a LongTensor [B, S] of token ids or a dict with ``input_ids`` and optionally
-``attention_mask`` (True = real token), ``labels`` and ``sample_id``. Objectives follow
-``training.progressive.training_objective`` (clm / mlm / diffusion), as in
-:class:`~stackwise.training.progressive.ProgressiveTrainer`.
-
-One step is one optimizer step over ``training.optimizer.grad_accumulation`` batches, weighted
-by their loss tokens, so 2 batches of B/2 with accumulation 2 make the same update as one batch
-of B, padding or not. ``losses`` in a record are per optimizer step (the mean over its tokens).
+- **Accumulation**: one step is one optimizer step over ``training.optimizer.grad_accumulation``
+  micro-batches, each micro-batch's mean loss weighted by its share of the step's target tokens
+  (all ranks' tokens in a data-parallel run), so k micro-batches of B/k give the gradient of one
+  batch of B, padding or not. A micro-batch with no target token contributes nothing; a step
+  with none at all raises :class:`TrainingError` (it would train on a zero loss).
+- **Schedule**: linear warmup, then cosine / linear / constant decay
+  (:func:`~stackwise.training.optim.lr_lambda`); the logged ``lr`` is the one the step used.
+- **Precision**: fp16 autocast scales the loss (``torch.amp.GradScaler``); bf16 needs no scaling.
+- **Events**: ``callbacks`` get ``<start_event>(info)``, ``on_step(info)`` every step,
+  ``on_eval(info)`` and ``<end_event>(record)`` (rank 0 only); ``info`` holds the unit's identity
+  fields (``Unit.identity``) and, per step, ``step``, ``steps``, ``global_step``, ``loss``,
+  ``lr``, ``tokens``, ``tokens_per_s``, ``step_ms``.
+- **Checkpoints** (``checkpoint`` callable, ``training.checkpointing.every_steps``): a
+  :class:`~stackwise.training.checkpoint.StageProgress` with the data position and generator
+  states; :meth:`TrainLoop.run` with ``resume`` continues from one exactly (same batches, masks,
+  RNG draws, optimizer and LR state).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import resource
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from stackwise.exceptions import ModelError, TrainingError
-from stackwise.training.batches import CachedSource, check_loader, parse_batch
+from stackwise.training.batches import CachedSource, LoaderSource, loader_generator
+from stackwise.training.checkpoint import ResumeState, StageProgress, restore_rng_state
 from stackwise.training.optim import build_optimizer, clip_gradients, lr_lambda
+from stackwise.training.parallel import DataParallel
+from stackwise.training.step import BatchStep, MicroBatch
 from stackwise.training.strategies.caching import CacheManager
-from stackwise.training.strategies.masking import corrupt_batch, token_loss
-
-
-def resolve_device(name: str) -> torch.device:
-    """``training.device``: "auto" picks CUDA when available."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -58,35 +58,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def unit_record(
-    *,
-    losses: list[float],
-    step_times: list[float],
-    steps: int,
-    tokens: int,
-    wall: float,
-    cache_fill_s: float,
-    device: torch.device,
-    cache: dict[str, Any] | None,
-    param_groups: list[str],
-) -> dict[str, Any]:
-    """The measurements every trainer records for a trained unit (a stage, a block, a stack):
-    per-step losses and times, tokens and their rate, wall and cache-fill seconds, peak memory,
-    the cache's statistics (None when the unit read no cache) and the optimizer's groups."""
-    return {
-        "losses": losses,
-        "step_ms": [1e3 * t for t in step_times],
-        "steps": steps,
-        "tokens": tokens,
-        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-        "wall_s": wall,
-        "cache_fill_s": cache_fill_s,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "cache": cache,
-        "param_groups": param_groups,
-    }
-
-
 def count_batches(dataloader) -> int:
     try:
         return len(dataloader)
@@ -94,282 +65,334 @@ def count_batches(dataloader) -> int:
         return sum(1 for _ in dataloader)
 
 
-class SegmentTrainer:
-    """Batch parsing, objectives, the activation cache and the optimizer loop; subclasses decide
-    which segments train and which parameter groups they optimize.
-
-    Args:
-        config: a :class:`~stackwise.config.base.StackWiseConfig`.
-        tokenizer_ids: ``{"mask": id, "pad": id, ...}``; the mask id defaults to vocab_size - 1.
-        callbacks: objects with any of ``on_unit_start(info)``, ``on_step(info)``,
-            ``on_unit_end(record)``.
-    """
-
-    cache_mode = "layerwise"
-
-    def __init__(self, config, tokenizer_ids: dict[str, int] | None = None, callbacks=None) -> None:
-        self.config = config
-        self.training = config.training
-        self.device = resolve_device(self.training.device)
-        ids = tokenizer_ids or {}
-        self.mask_token_id = ids.get("mask", config.model.vocab_size - 1)
-        self.special_ids = tuple(v for v in ids.values() if v is not None)
-        self.seed = self.training.seed
-        self.callbacks = list(callbacks or [])
-        self.history: list[dict[str, Any]] = []
-        self.cache: CacheManager | None = None
-
-    def _emit(self, event: str, info: dict[str, Any]) -> None:
-        for cb in self.callbacks:
-            fn = getattr(cb, event, None)
-            if fn is not None:
-                fn(info)
-
-    # -- batches --------------------------------------------------------------------------------
-
-    def parse_batch(self, batch, batch_idx: int) -> dict[str, Tensor | None]:
-        """Check one batch (:func:`stackwise.training.batches.parse_batch`) and return
-        ``input_ids``, ``attention_mask``, ``labels``, ``sample_id``; a malformed batch raises
-        :class:`TrainingError` saying what was wrong."""
-        m = self.config.model
-        return parse_batch(batch, batch_idx, m.vocab_size, m.max_seq_len)
-
-    def corrupt(self, parsed: dict[str, Tensor | None], ratio: float) -> tuple[Tensor, Tensor]:
-        """``(model inputs, labels)`` for the configured objective at mask ratio ``ratio``."""
-        return corrupt_batch(
-            parsed,
-            ratio,
-            self.training.progressive.training_objective,
-            seed=self.seed,
-            mask_token_id=self.mask_token_id,
-            special_ids=self.special_ids,
-            vocab_size=self.config.model.vocab_size,
-            masking=self.training.masking,
-        )
-
-    def _autocast(self):
-        if not self.training.autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    # -- the loop -------------------------------------------------------------------------------
-
-    def _new_cache(self) -> CacheManager:
-        if self.cache is None:
-            cm = self.training.caching
-            self.cache = CacheManager(
-                cache_mode=self.cache_mode,
-                max_cache_size=cm.max_cache_size,
-                max_memory_mb=cm.max_memory_mb,
-                storage_precision="as_is",  # exact: cached and recomputed prefixes agree
-                spill_dir=cm.spill_dir,
-            )
-        self.cache.clear()
-        return self.cache
-
-    @staticmethod
-    def _run(modules: Sequence[nn.Module], h: Tensor, start: int, end: int, mask) -> Tensor:
-        for m in modules[start:end]:
-            h = m(h, mask)
-        return h
-
-    def _fill_cache(self, model, modules, start, dataloader, ratio, limit) -> list[int]:
-        cache = self._new_cache()
-        ids: list[int] = []
-        with torch.no_grad(), self._autocast():
-            for batch_idx, batch in enumerate(dataloader):
-                if batch_idx >= limit:
-                    break
-                parsed = self.parse_batch(batch, batch_idx)
-                inputs, labels = self.corrupt(parsed, ratio)
-                mask = parsed["attention_mask"]
-                dmask = None if mask is None else mask.to(self.device)
-                h = self._run(modules, model.embed(inputs.to(self.device)), 0, start, dmask)
-                attn = mask if mask is not None else torch.ones_like(labels, dtype=torch.bool)
-                companions = torch.stack([labels.cpu(), attn.long().cpu()])
-                ids.append(cache.store_activations(start - 1, h.detach().cpu(), companions))
-        return ids
-
-    def _batch_loss(self, model, modules, start, end, item, ratio, cached) -> tuple[Tensor, int]:
-        dev = self.device
-        if cached:
-            h, comp = self.cache.get_batch(start - 1, item, release=True)
-            h = h.to(dev)
-            labels, attn = comp[0].to(dev), comp[1].bool().to(dev)
-            mask = None if bool(attn.all()) else attn
-            begin = start
-        else:
-            batch_idx, batch = item
-            parsed = self.parse_batch(batch, batch_idx)
-            inputs, labels = self.corrupt(parsed, ratio)
-            mask = parsed["attention_mask"]
-            mask = None if mask is None else mask.to(dev)
-            labels = labels.to(dev)
-            h = model.embed(inputs.to(dev))
-            begin = 0
-        with self._autocast():
-            h = self._run(modules, h, begin, end, mask)
-            logits = model.logits(h)
-        return token_loss(logits, labels), int((labels != -100).sum())
-
-    def train_segment(
-        self,
-        model: nn.Module,
-        modules: Sequence[nn.Module],
-        start: int,
-        end: int,
-        dataloader,
-        groups: list[dict] | torch.optim.Optimizer,
-        steps: int | None,
-        *,
-        label: str,
-        ratio: float = 0.0,
-        cache_prefix: bool = True,
-        info: dict[str, Any] | None = None,
-        after_step: Callable[[], None] | None = None,
-    ) -> dict[str, Any]:
-        """Train ``modules[start:end]`` (and whatever else ``groups`` holds) for ``steps``
-        optimizer steps (default: ``training.max_steps``, or one pass over the loader when that
-        is 0). ``groups``: named parameter groups for :func:`build_optimizer`, or an optimizer
-        whose groups carry a ``name``. ``label`` ("block 3", "stack 1", ...) names the unit in
-        errors. Returns the record appended to :attr:`history`."""
-        cfg = self.training
-        if getattr(model, "time_embedding", None) is not None:
-            raise TrainingError(
-                f"{label}: the rack is time-conditioned (time_interpretation 'input'); this "
-                "trainer feeds no noise level: use ProgressiveTrainer"
-            )
-        if not 0 <= start < end <= len(modules):
-            raise TrainingError(f"{label}: segment [{start}, {end}) is outside 0..{len(modules)}")
-        check_loader(dataloader)
-        n_batches = count_batches(dataloader)
-        if n_batches == 0:
-            raise TrainingError(f"{label}: the dataloader yielded no batches")
-        accum = cfg.optimizer.grad_accumulation
-        if steps is None:
-            steps = cfg.max_steps or max(1, n_batches // accum)
-        if not isinstance(steps, int) or steps < 1:
-            raise TrainingError(f"{label}: steps must be an integer >= 1, got {steps!r}")
-        opt = (
-            groups
-            if isinstance(groups, torch.optim.Optimizer)
-            else build_optimizer(groups, cfg.optimizer)
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer, steps))
-        trainable = [p for g in opt.param_groups for p in g["params"]]
-        trainable_ids = {id(p) for p in trainable}
-        # The prefix may be cached only when nothing in it (embeddings included) trains.
-        prefix_params = list(model.lexical.get_embeddings().parameters())
-        if getattr(model, "position", None) is not None:
-            prefix_params.append(model.position.weight)
-        for m in modules[:start]:
-            prefix_params += list(m.parameters())
-        frozen_prefix = not any(id(p) in trainable_ids for p in prefix_params)
-        cached = cache_prefix and start > 0 and frozen_prefix
-
-        t0 = time.perf_counter()
-        batches = None
-        if cached:
-            limit = min(steps * accum, n_batches)
-            batches = self._fill_cache(model, modules, start, dataloader, ratio, limit)
-        cache_time = time.perf_counter() - t0
-        names = [g["name"] for g in opt.param_groups]
-        self._emit(
-            "on_unit_start",
-            {"label": label, "steps": steps, "param_groups": names, **(info or {})},
-        )
-
-        model.train()
-        losses: list[float] = []
-        step_times: list[float] = []
-        tokens, micro, step = 0, 0, 0
-        running, step_tokens = 0.0, 0
-        t_start = t_step = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        if batches is not None:  # cycled in stored order, the next ones read ahead from disk
-            cycle = CachedSource(
-                batches,
-                prefetch=functools.partial(self.cache.prefetch, start - 1),
-                depth=cfg.caching.prefetch,
-            )
-        while step < steps:
-            if batches is not None:
-                source = (cycle.next() for _ in batches)
-            else:
-                source = enumerate(dataloader)
-            for item in source:
-                if step >= steps:
-                    break
-                loss, n_tok = self._batch_loss(model, modules, start, end, item, ratio, cached)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"loss is {value} at step {step} (batch {micro % accum} of the step) "
-                        f"while training {label}"
-                    )
-                # Token-weighted: the step's gradient is that of the mean loss over all its
-                # tokens, as one batch holding every micro-batch would give.
-                (loss * n_tok).backward()
-                running += value * n_tok
-                step_tokens += n_tok
-                tokens += n_tok
-                micro += 1
-                if micro % accum:
-                    continue
-                if step_tokens > 0:
-                    for p in trainable:
-                        if p.grad is not None:
-                            p.grad.div_(step_tokens)
-                clip_gradients(trainable, cfg.optimizer.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                if after_step is not None:
-                    after_step()
-                losses.append(running / step_tokens if step_tokens else 0.0)
-                running, step_tokens = 0.0, 0
-                now = time.perf_counter()
-                step_times.append(now - t_step)
-                t_step = now
-                step += 1
-                if self.callbacks:
-                    elapsed = now - t_start
-                    self._emit(
-                        "on_step",
-                        {
-                            "label": label,
-                            "step": step,
-                            "steps": steps,
-                            "loss": losses[-1],
-                            "lr": opt.param_groups[0]["lr"],
-                            "tokens": tokens,
-                            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                        },
-                    )
-        wall = time.perf_counter() - t_start
-        record = {
-            "label": label,
-            **(info or {}),
-            "cached_prefix": cached,
-            **unit_record(
-                losses=losses,
-                step_times=step_times,
-                steps=steps,
-                tokens=tokens,
-                wall=wall,
-                cache_fill_s=cache_time,
-                device=self.device,
-                cache=self.cache.memory_stats() if cached else None,
-                param_groups=names,
-            ),
-        }
-        self.history.append(record)
-        self._emit("on_unit_end", record)
-        return record
-
-
 def flat_blocks(rack) -> list[nn.Module]:
     """The rack's blocks in order, over all stacks."""
     if not hasattr(rack, "stacks"):
         raise ModelError(f"expected a Rack, got {type(rack).__name__}")
     return [b for s in rack.stacks for b in s.blocks]
+
+
+def rack_stacks(rack) -> list[nn.Module]:
+    """The rack's stacks in order (the modules of progressive training)."""
+    return list(rack.stacks)
+
+
+@dataclass
+class Unit:
+    """One trained unit (module docstring).
+
+    ``modules_of(model)`` lists the model's modules (stacks or blocks); ``start`` is the first
+    module that runs with gradients (``cached``: boundary ``start`` is read from the cache) and
+    ``end`` the module after the last one that runs. ``groups`` are named optimizer groups
+    (:func:`build_optimizer`) or an optimizer whose groups carry a ``name``. ``identity``: the
+    fields that name the unit in events and in its record; ``index`` and ``plan`` name it in a
+    checkpoint. ``ratio``: the mask ratio of the objective.
+    """
+
+    label: str
+    model: nn.Module
+    modules_of: Callable[[nn.Module], Sequence[nn.Module]]
+    start: int
+    end: int
+    groups: list[dict] | torch.optim.Optimizer
+    steps: int
+    ratio: float = 0.0
+    cached: bool = False
+    identity: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+    plan: int = 1
+    start_event: str = "on_unit_start"
+    end_event: str = "on_unit_end"
+
+
+class TrainLoop:
+    """Runs units (module docstring). ``step``: the :class:`BatchStep`; ``parallel``: the
+    :class:`DataParallel` (a no-op in one process); ``cache``: the activation cache, created on
+    first use by ``make_cache()``; ``emit(event, info)``: the trainer's callback dispatch."""
+
+    def __init__(
+        self,
+        config,
+        step: BatchStep,
+        parallel: DataParallel,
+        make_cache: Callable[[], CacheManager],
+        emit: Callable[[str, dict], None],
+    ) -> None:
+        self.config = config
+        self.training = config.training
+        self.step = step
+        self.parallel = parallel
+        self._make_cache = make_cache
+        self.cache: CacheManager | None = None
+        self.emit = emit
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _loss_fn(self, unit: Unit):
+        """``(model, micro-batch) -> loss`` of the unit. A micro-batch without targets (which
+        only a data-parallel rank runs) gives a zero that still runs the whole forward pass, so
+        every trainable parameter takes part in the gradient collective."""
+
+        def loss(model: nn.Module, m: MicroBatch) -> Tensor:
+            modules = unit.modules_of(model)
+            if m.n_tok:
+                return self.step.loss(model, modules, m, unit.end)
+            with self.step.autocast():
+                logits = model.logits(self.step.hidden(model, modules, m, unit.end))
+            return logits.float().sum() * 0.0
+
+        return loss
+
+    @staticmethod
+    def _train_mode(unit: Unit) -> None:
+        """Train mode, except for modules with nothing to train: a frozen module is a fixed
+        function (no dropout), whether its output is cached or recomputed every step."""
+        unit.model.train()
+        for m in unit.modules_of(unit.model):
+            if not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+
+    def evaluate(self, unit: Unit, eval_loader, max_batches: int = 50) -> float:
+        self.parallel.sync_weights()
+        modules = unit.modules_of(unit.model)
+        return self.step.evaluate(unit.model, modules, eval_loader, unit.ratio, max_batches)
+
+    def _source(self, unit, dataloader, n_batches, accum, start, progress, saved):
+        """The stage's micro-batches: cached batch ids (the cache filled here) or the loader."""
+        if unit.cached:
+            if self.cache is None:
+                self.cache = self._make_cache()
+            ids = self.step.fill_cache(
+                self.cache,
+                unit.model,
+                unit.modules_of(unit.model),
+                unit.start,
+                dataloader,
+                unit.ratio,
+                limit=min(unit.steps * accum, n_batches),
+            )
+            return CachedSource(
+                ids,
+                start=start * accum,
+                prefetch=functools.partial(self.cache.prefetch, unit.start),
+                depth=self.training.caching.prefetch,
+            )
+        position = None
+        if progress is not None:
+            states = {k.split(".", 1)[1]: v for k, v in saved.items()}
+            position = (progress.data, states)
+        return LoaderSource(dataloader, n_batches, resume=position)
+
+    def _micro(self, unit: Unit, source) -> MicroBatch:
+        if unit.cached:
+            return self.step.cached_micro_batch(self.cache, unit.start, source.next())
+        return self.step.micro_batch(source.next(), unit.ratio)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(
+        self,
+        unit: Unit,
+        dataloader,
+        n_batches: int,
+        *,
+        eval_loader=None,
+        checkpoint: Callable[..., Any] | None = None,
+        resume: ResumeState | None = None,
+        base_step: int = 0,
+        checkpoint_dir=None,
+    ) -> dict[str, Any]:
+        """Train ``unit`` for ``unit.steps`` optimizer steps; returns its record. ``checkpoint``
+        (progress, optimizer, scheduler, extra_rng) writes a mid-stage checkpoint;
+        ``resume``: continue the unit from the checkpoint's progress; ``base_step``: global
+        steps before this unit; ``checkpoint_dir``: where a data-parallel resume finds the
+        sharded optimizer state."""
+        cfg = self.training
+        accum = cfg.optimizer.grad_accumulation
+        progress = resume.progress if resume is not None else None
+        saved = resume.extra_rng if resume is not None else {}
+        start = progress.step if progress is not None else 0
+        steps = unit.steps
+
+        if isinstance(unit.groups, torch.optim.Optimizer):
+            groups = None
+            opt = unit.groups
+        else:
+            groups = self.parallel.wrap(unit.model, unit.groups, self._loss_fn(unit))
+            opt = build_optimizer(groups, cfg.optimizer)
+        t0 = time.perf_counter()
+        gen = loader_generator(dataloader)
+        if progress is not None and gen is not None and "loader.stage_start" in saved:
+            gen.set_state(saved["loader.stage_start"])
+        stage_start_state = gen.get_state() if gen is not None else None
+        source = self._source(unit, dataloader, n_batches, accum, start, progress, saved)
+        cache_time = time.perf_counter() - t0 if progress is None else progress.cache_fill_s
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optimizer, steps))
+        scaler = self._grad_scaler()
+        if progress is not None:
+            opt.load_state_dict(progress.optimizer)
+            sched.load_state_dict(progress.scheduler)
+            self.parallel.load_optimizer(opt, checkpoint_dir, resume.folder)
+            # Last, after the cache refill and the loader replay, which may draw from it.
+            restore_rng_state(resume.rng, resume.rng_meta)
+        trainable = [p for g in opt.param_groups for p in g["params"]]
+        names = [g.get("name", f"group{i}") for i, g in enumerate(opt.param_groups)]
+        self.emit(
+            unit.start_event,
+            {
+                **unit.identity,
+                "steps": steps,
+                "param_groups": names,
+                "group_lr": {
+                    n: g.get("initial_lr", g["lr"])
+                    for n, g in zip(names, opt.param_groups, strict=True)
+                },
+                "cache_fill_s": cache_time,
+                "start_step": start,
+            },
+        )
+        eval_every = cfg.eval_every if eval_loader is not None else 0
+        every = cfg.checkpointing.every_steps if checkpoint is not None else 0
+        self._train_mode(unit)
+        losses = list(progress.losses) if progress else []
+        step_times = [t / 1e3 for t in progress.step_ms] if progress else []
+        tokens = int(progress.tokens) if progress else 0
+        wall_before = float(progress.wall_s) if progress else 0.0
+        t_start = time.perf_counter()
+        loss_fn = self._loss_fn(unit)
+        step = start
+        while step < steps:
+            t_step = time.perf_counter()
+            micro = [self._micro(unit, source) for _ in range(accum)]
+            n_tok = [m.n_tok for m in micro]
+            n_total = int(self.parallel.global_sum(sum(n_tok)))
+            if n_total == 0:
+                raise TrainingError(
+                    f"{unit.label}, step {step}: no micro-batch of the step has a target token "
+                    "(nothing to predict: check the labels, or the mask ratio)"
+                )
+            step_loss = 0.0
+            for i, m in enumerate(micro):
+                if n_tok[i] == 0 and not self.parallel.enabled:
+                    continue  # nothing to learn from; a data-parallel rank still joins the sync
+                weight = n_tok[i] / n_total
+                with self.parallel.no_sync(i < len(micro) - 1):
+                    loss = self.parallel.loss(unit.model, m, loss_fn)
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise TrainingError(
+                            f"loss is {value} at step {step} while training {unit.label}"
+                        )
+                    scaled = loss * (weight * self.parallel.loss_scale)
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                step_loss += value * weight
+            step_loss = self.parallel.global_sum(step_loss)
+            if scaler is not None:
+                scaler.unscale_(opt)
+            clip_gradients(trainable, cfg.optimizer.grad_clip)
+            lr = opt.param_groups[0]["lr"]  # the rate this step uses
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            step_times.append(time.perf_counter() - t_step)
+            tokens += n_total
+            step += 1
+            elapsed = wall_before + time.perf_counter() - t_start
+            if every and (base_step + step) % every == 0 and step < steps:
+                extra = {}
+                if stage_start_state is not None:
+                    extra["loader.stage_start"] = stage_start_state
+                if isinstance(source, LoaderSource):
+                    extra.update({f"loader.{k}": v for k, v in source.generator_states().items()})
+                checkpoint(
+                    StageProgress(
+                        stage=unit.index,
+                        step=step,
+                        steps=steps,
+                        plan=unit.plan,
+                        losses=losses,
+                        step_ms=[1e3 * t for t in step_times],
+                        tokens=tokens,
+                        wall_s=elapsed,
+                        cache_fill_s=cache_time,
+                        data=source.position() if isinstance(source, LoaderSource) else None,
+                    ),
+                    opt,
+                    sched,
+                    extra,
+                )
+            self.emit(
+                "on_step",
+                {
+                    **unit.identity,
+                    "step": step,
+                    "steps": steps,
+                    "global_step": base_step + step,
+                    "loss": losses[-1],
+                    "lr": lr,
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                    "step_ms": 1e3 * step_times[-1],
+                },
+            )
+            if eval_every and step % eval_every == 0 and step < steps:
+                eval_loss = self.evaluate(unit, eval_loader)
+                self._train_mode(unit)
+                self.emit(
+                    "on_eval",
+                    {
+                        **unit.identity,
+                        "step": step,
+                        "global_step": base_step + step,
+                        "eval_loss": eval_loss,
+                    },
+                )
+        wall = wall_before + time.perf_counter() - t_start
+        self.parallel.unwrap()
+        record = {
+            **unit.identity,
+            "cached_prefix": unit.cached,
+            "losses": losses,
+            "step_ms": [1e3 * t for t in step_times],
+            "steps": steps,
+            "tokens": tokens,
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+            "wall_s": wall,
+            "cache_fill_s": cache_time,
+            "peak_memory_bytes": peak_memory_bytes(self.step.device),
+            "cache": self.cache.memory_stats() if unit.cached else None,
+            "param_groups": names,
+        }
+        if eval_loader is not None:
+            record["eval_loss"] = self.evaluate(unit, eval_loader)
+            self.emit(
+                "on_eval",
+                {
+                    **unit.identity,
+                    "step": steps,
+                    "global_step": base_step + steps,
+                    "eval_loss": record["eval_loss"],
+                },
+            )
+        self.emit(unit.end_event, record)
+        return record
+
+    def _grad_scaler(self):
+        if self.step.dtype is not torch.float16:
+            return None
+        return torch.amp.GradScaler(self.step.device.type)
+
+
+__all__ = [
+    "TrainLoop",
+    "Unit",
+    "count_batches",
+    "flat_blocks",
+    "peak_memory_bytes",
+    "rack_stacks",
+]

@@ -41,8 +41,10 @@ from torch import nn
 
 from stackwise.exceptions import ConfigurationError, TrainingError
 from stackwise.model.architecture import Rack, Stack
-from stackwise.training.loop import SegmentTrainer, count_batches, flat_blocks
-from stackwise.training.strategies.masking import MaskScheduler
+from stackwise.training.core.fusion_trainer import FusionTrainer
+from stackwise.training.loop import count_batches, flat_blocks
+from stackwise.training.segment import SegmentTrainer
+from stackwise.training.units import embedding_parameters, head_parameters, trainable_parameters
 
 MODES = ("layerwise", "blockwise", "stackwise", "rackwise", "fused")
 MODE_ALIASES = {"end_to_end": "rackwise"}
@@ -71,8 +73,6 @@ class Trainer(SegmentTrainer):
             ``training.progressive.cache_activations``); False recomputes it every step.
     """
 
-    cache_mode = "layerwise"
-
     def __init__(
         self,
         config,
@@ -82,6 +82,7 @@ class Trainer(SegmentTrainer):
         cache_activations: bool | None = None,
     ) -> None:
         super().__init__(config, tokenizer_ids, callbacks)
+        self._tokenizer_ids = tokenizer_ids
         self.mode = canonical_mode(config.training.mode)
         self.cache_activations = (
             config.training.progressive.cache_activations
@@ -151,44 +152,36 @@ class Trainer(SegmentTrainer):
             return [("rack", 0, 0, n)]
         raise ConfigurationError("'fused' has no hierarchical units", "training.mode")
 
-    def _mask_ratio(self, end: int, n_blocks: int) -> float:
-        m = self.training.masking
-        if not self.training.time_step_masking:
-            return m.max_fraction
-        sched = MaskScheduler(m.min_fraction, m.max_fraction, m.schedule)
-        return sched.get_mask_fraction(end - 1, n_blocks)
+    def n_units(self) -> int:
+        """How many units :meth:`train` trains in ``training.mode``."""
+        if self.mode == "fused":
+            n = len(flat_blocks(self.rack))
+            return -(-n // self.training.block_size)
+        return len(self.units())
 
     def _train_range(
-        self, kind: str, index: int, start: int, end: int, dataloader, steps
+        self, kind: str, index: int, start: int, end: int, dataloader, steps, eval_loader=None
     ) -> dict[str, Any]:
         rack = self.rack.to(self.device)
         blocks = flat_blocks(rack)
-        first = start == 0
-        table = rack.lexical.get_embeddings().table.weight
-        frozen_table = self.config.model.tokenizer_embedding.freeze_embeddings
         for p in rack.parameters():
             p.requires_grad_(False)
-        unit_params = [p for b in blocks[start:end] for p in b.parameters()]
-        emb_params = list(rack.lexical.get_embeddings().parameters())
-        if rack.position is not None:
-            emb_params.append(rack.position.weight)
-        emb_params = [p for p in emb_params if first and not (p is table and frozen_table)]
-        seen = {id(p) for p in unit_params + emb_params}
-        head_params = list(rack.final_norm.parameters())
-        head_params += [p for p in rack.lexical.get_lm_head().parameters() if id(p) not in seen]
-        head_params = [p for p in head_params if p is not table]  # a tied table is an embedding
-        for p in unit_params + emb_params + head_params:
-            p.requires_grad_(True)
+        unit_params = [p for b in blocks[start:end] for p in trainable_parameters(b)]
+        emb_params = embedding_parameters(rack, start == 0)
+        time_params = [] if rack.time_embedding is None else list(rack.time_embedding.parameters())
+        for p in time_params:
+            p.requires_grad_(start == 0)
+        head_params = head_parameters(rack, True)
         name = "blocks" if kind == "rack" else f"current_{kind}"
         lr = self.training.learning_rate
         groups = [
             {"name": name, "params": unit_params, "lr": lr},
             {"name": "head", "params": head_params, "lr": lr},
             {"name": "embeddings", "params": emb_params, "lr": lr},
+            {"name": "time_embedding", "params": time_params, "lr": lr},
         ]
         label = "rack" if kind == "rack" else f"{kind} {index}"
-        clm = self.training.progressive.training_objective == "clm"
-        ratio = 0.0 if clm else self._mask_ratio(end, len(blocks))
+        ratio = self.unit_ratio(end, len(blocks))
         torch.manual_seed(self.seed + start)  # dropout of this unit, reproducible on its own
         return self.train_segment(
             rack,
@@ -201,6 +194,7 @@ class Trainer(SegmentTrainer):
             label=label,
             ratio=ratio,
             cache_prefix=self.cache_activations,
+            eval_loader=eval_loader,
             info={
                 "mode": self.mode,
                 "unit": kind,
@@ -241,7 +235,9 @@ class Trainer(SegmentTrainer):
         n = len(flat_blocks(self.rack))
         return self._train_range("rack", 0, 0, n, dataloader, max_steps)
 
-    def train(self, rack=None, dataloader=None, max_steps: int | None = None) -> dict[str, Any]:
+    def train(
+        self, rack=None, dataloader=None, max_steps: int | None = None, eval_loader=None
+    ) -> dict[str, Any]:
         """Train every unit of ``training.mode`` in order. ``rack`` is a Rack, a config (whose
         model is built) or None (the trainer's rack). ``max_steps`` is per unit; by default
         ``training.max_steps`` is split evenly over the units. Returns ``history`` (one record
@@ -256,12 +252,15 @@ class Trainer(SegmentTrainer):
         elif rack is not None:
             raise TrainingError(f"train: expected a Rack or a config, got {type(rack).__name__}")
         if self.mode == "fused":
-            from stackwise.training.core.fusion_trainer import FusionTrainer
-
             fusion = FusionTrainer(
-                self.config, model=self.rack, dataloader=dataloader, steps_per_block=max_steps
+                self.config,
+                model=self.rack,
+                dataloader=dataloader,
+                steps_per_block=max_steps,
+                tokenizer_ids=self._tokenizer_ids,
+                callbacks=self.callbacks,
             )
-            out = fusion.train()
+            out = fusion.train(eval_loader=eval_loader)
             self.history.extend(fusion.history)
             return {**out, "rack": self.rack}
         units = self.units()
@@ -270,8 +269,8 @@ class Trainer(SegmentTrainer):
             steps = max(1, self.training.max_steps // len(units))
         if steps is None and count_batches(dataloader) == 0:
             raise TrainingError("train: the dataloader yielded no batches")
-        records = [self._train_range(*u, dataloader, steps) for u in units]
+        records = [self._train_range(*u, dataloader, steps, eval_loader) for u in units]
         return {"history": records, "final": records[-1], "rack": self.rack}
 
 
-__all__ = ["MODES", "Trainer", "canonical_mode"]
+__all__ = ["MODES", "SegmentTrainer", "Trainer", "canonical_mode"]

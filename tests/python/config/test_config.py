@@ -338,8 +338,8 @@ BAD = [
     ),
     ({"training": {"quantization_type": "int3"}}, "training.quantization_type", "is not one of"),
     (
-        {"training": {"caching": {"cache_mode": "everything"}}},
-        "training.caching.cache_mode",
+        {"training": {"caching": {"storage_precision": "everything"}}},
+        "training.caching.storage_precision",
         "is not one of",
     ),
     (

@@ -58,7 +58,11 @@ def make_config(
                 "quantization_enabled": qlora,
                 "quantization_type": "nf4",
                 "qlora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "lr": 1e-2},
-                "caching": {"max_cache_size": 1 if spill_dir else 1000, "spill_dir": spill_dir},
+                "caching": {
+                    "max_cache_size": 1 if spill_dir else 1000,
+                    "spill_dir": spill_dir,
+                    "storage_precision": "as_is",
+                },
                 "checkpointing": {"every_steps": every_steps, "keep_last": 10},
                 "distributed": {"strategy": strategy, "timeout_s": timeout_s},
             },
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from safetensors.torch import save_file
 
-    from stackwise.training.distributed import train_distributed
+    from stackwise.run.launch import train_distributed
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

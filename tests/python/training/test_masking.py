@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stackwise.exceptions import ConfigurationError
+from stackwise.exceptions import ConfigurationError, TrainingError
 from stackwise.training.strategies.masking import (
     IGNORE_INDEX,
     MaskScheduler,
@@ -108,7 +108,8 @@ def test_clm_labels_and_loss():
     assert labels.tolist() == [[6, 7, -100, -100, -100]]
     logits = torch.zeros(1, 5, 10)
     assert token_loss(logits, labels).item() == pytest.approx(torch.log(torch.tensor(10.0)).item())
-    assert token_loss(logits, torch.full_like(labels, -100)).item() == 0.0
+    with pytest.raises(TrainingError, match="no position has a target"):
+        token_loss(logits, torch.full_like(labels, -100))
 
 
 def test_per_sample_noise_levels_and_ratios():

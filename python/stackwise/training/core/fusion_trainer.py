@@ -44,9 +44,11 @@ from stackwise.training.core.qlora import (
     save_peft_adapters,
     wrap_linears,
 )
-from stackwise.training.loop import SegmentTrainer, flat_blocks
+from stackwise.training.loop import flat_blocks
 from stackwise.training.optim import build_optimizer
+from stackwise.training.segment import SegmentTrainer
 from stackwise.training.strategies.quantization import QuantizationManager, canonical_precision
+from stackwise.training.units import embedding_parameters, head_parameters, trainable_parameters
 
 # ---- fusion training --------------------------------------------------------------------------
 
@@ -74,8 +76,6 @@ class FusionTrainer(SegmentTrainer):
             ``training.progressive.cache_activations``).
         tokenizer_ids, callbacks: as :class:`~stackwise.training.trainer.Trainer`.
     """
-
-    cache_mode = "fusion"
 
     def __init__(
         self,
@@ -267,7 +267,7 @@ class FusionTrainer(SegmentTrainer):
                 block.load_state_dict(restored[idx])
             except RuntimeError as exc:
                 raise TrainingError(f"the backup of block {idx} does not fit it: {exc}") from exc
-            block.to(self.device).requires_grad_(True)
+            trainable_parameters(block.to(self.device))
             self.retired[idx] = False
 
     # -- optimizer ------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ class FusionTrainer(SegmentTrainer):
             self._wrap_with_lora(current, None)
         current_lora = adapter_parameters(current) if self.dual_lora else []
         lora_ids = {id(p) for p in current_lora}
-        current_params = [p for p in current.parameters() if id(p) not in lora_ids]
+        current_params = [p for p in trainable_parameters(current) if id(p) not in lora_ids]
         backbone_params = []
         if qlora_enabled:
             target = None if self.backbone_precision == "fp32" else self.backbone_precision
@@ -307,18 +307,8 @@ class FusionTrainer(SegmentTrainer):
                     self._wrap_with_lora(b, target)
                 backbone_params += adapter_parameters(b)
         first = self._block_index(current, current_block_idx) == 0
-        table = model.lexical.get_embeddings().table.weight
-        emb = list(model.lexical.get_embeddings().parameters())
-        if model.position is not None:
-            emb.append(model.position.weight)
-        frozen_table = self.config.model.tokenizer_embedding.freeze_embeddings
-        emb = [p for p in emb if first and not (p is table and frozen_table)]
-        seen = {id(p) for p in emb}
-        head = list(model.final_norm.parameters()) + [
-            p
-            for p in model.lexical.get_lm_head().parameters()
-            if id(p) not in seen and p is not table
-        ]
+        emb = embedding_parameters(model, first)
+        head = head_parameters(model, True)
         t = self.training
         groups = [
             {"name": "current_block", "params": current_params, "lr": t.learning_rate},
@@ -345,7 +335,7 @@ class FusionTrainer(SegmentTrainer):
             self.dataloader = create_data_loaders(self.config)[0]
         return self.dataloader
 
-    def _train_blocks(self, dataloader, trainable: bool) -> dict[str, Any]:
+    def _train_blocks(self, dataloader, trainable: bool, eval_loader=None) -> dict[str, Any]:
         loader = self._loader(dataloader)
         model = self.model.to(self.device)
         n = len(self.blocks)
@@ -371,11 +361,15 @@ class FusionTrainer(SegmentTrainer):
                     opt,
                     steps,
                     label=f"fusion block {i}",
+                    ratio=self.unit_ratio(i + 1, n),
                     cache_prefix=self.cache_activations,
+                    eval_loader=eval_loader,
                     info={
                         "fusion_mode": "trainable" if trainable else "frozen",
+                        "index": i,
                         "block_index": i,
                         "n_blocks": n,
+                        "mask_ratio": self.unit_ratio(i + 1, n),
                         "backbone_precision": self.backbone_precision,
                     },
                 )
@@ -399,9 +393,10 @@ class FusionTrainer(SegmentTrainer):
         with it (``fusion_mode="trainable"``); returns as :meth:`train_with_frozen_backbone`."""
         return self._train_blocks(dataloader, trainable=True)
 
-    def train(self, dataloader=None) -> dict[str, Any]:
-        """Train following ``training.fusion_mode``."""
-        return self._train_blocks(dataloader, trainable=self.fusion_mode == "trainable")
+    def train(self, dataloader=None, eval_loader=None) -> dict[str, Any]:
+        """Train following ``training.fusion_mode`` (``eval_loader``: evaluate the whole model
+        on it during and after each block)."""
+        return self._train_blocks(dataloader, self.fusion_mode == "trainable", eval_loader)
 
     def train_with_custom_model(self, layers, dataloader=None) -> dict[str, Any]:
         """Wrap a user's list of layers (MLGKALayers of ``model.d_model``) into a rack with the

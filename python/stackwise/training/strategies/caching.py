@@ -40,11 +40,9 @@ from torch import Tensor
 
 from stackwise import precision as _precision
 from stackwise._C import ActivationCacheStore
-from stackwise.config._schema import config_choices
-from stackwise.config.base import CachingConfig
 from stackwise.exceptions import ConfigurationError
 
-CACHE_MODES = config_choices(CachingConfig, "cache_mode")
+CACHE_MODES = ("stack", "rack", "fusion", "layerwise")
 # Boundary kinds from finest to coarsest; a mode keeps its own kind and every coarser one.
 BOUNDARY_KINDS = ("block", "fusion", "stack", "rack")
 _MODE_FINEST = {"layerwise": "block", "fusion": "fusion", "stack": "stack", "rack": "rack"}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stackwise.exceptions import ConfigurationError
+from stackwise.exceptions import ConfigurationError, TrainingError
 
 SCHEDULES = ("linear", "cosine", "exponential", "constant")
 IGNORE_INDEX = -100
@@ -251,10 +251,14 @@ def corrupt_batch(
 
 
 def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross entropy over positions whose label is not -100 (0 when there are none)."""
+    """Mean cross entropy over positions whose label is not -100. A batch without any such
+    position has no loss to train on: :class:`TrainingError` (the trainers skip such
+    micro-batches, and refuse a step that has none with a target)."""
     flat = labels.reshape(-1)
     if not bool((flat != IGNORE_INDEX).any()):
-        return logits.sum() * 0.0
+        raise TrainingError(
+            "no position has a target (every label is -100): there is no loss to train on"
+        )
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX
     )
