@@ -252,6 +252,7 @@ def _train(
         trainer, builder = _trainer_and_builder(run, config, tok, resume)
     else:
         trainer, builder = _hierarchical_trainer(config, tok, resume), None
+        trainer.backup_dir = str(run.checkpoints / "backups")  # mode fused: inside the run
     resumed_step = checkpoint_global_step(run.resume_folder) if resume else 0  # within a stage
     if progressive and resume and (run.checkpoints / "latest").is_file():
         progress.line(

@@ -83,6 +83,7 @@ class Trainer(SegmentTrainer):
     ) -> None:
         super().__init__(config, tokenizer_ids, callbacks)
         self._tokenizer_ids = tokenizer_ids
+        self.backup_dir = None  # where mode 'fused' backs blocks up (default: see FusionTrainer)
         self.mode = canonical_mode(config.training.mode)
         self.cache_activations = (
             config.training.progressive.cache_activations
@@ -259,6 +260,7 @@ class Trainer(SegmentTrainer):
                 steps_per_block=max_steps,
                 tokenizer_ids=self._tokenizer_ids,
                 callbacks=self.callbacks,
+                backup_dir=self.backup_dir,
             )
             out = fusion.train(eval_loader=eval_loader)
             self.history.extend(fusion.history)

@@ -54,6 +54,11 @@ def _data(n_batches=4, b=8, s=16, seed=0):
     return out
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the fusion trainer backs blocks up under checkpoints/
+
+
 class _Steps:
     def __init__(self):
         self.steps = []
