@@ -72,6 +72,27 @@ def flat_blocks(rack) -> list[nn.Module]:
     return [b for s in rack.stacks for b in s.blocks]
 
 
+def stage_cache(caching, spill_dir=None) -> CacheManager:
+    """The activation cache of ``training.caching`` in the cache's "rack" mode: storing a new
+    boundary releases the previous one, since a unit reads only its own. ``spill_dir``
+    overrides ``caching.spill_dir`` (a data-parallel rank's own folder)."""
+    return CacheManager(
+        cache_mode="rack",
+        max_cache_size=caching.max_cache_size,
+        max_memory_mb=caching.max_memory_mb,
+        storage_precision=caching.storage_precision,
+        spill_dir=caching.spill_dir if spill_dir is None else spill_dir,
+    )
+
+
+def call_callbacks(callbacks, event: str, info: dict[str, Any]) -> None:
+    """``callback.<event>(info)`` for each callback that has that method."""
+    for cb in callbacks:
+        fn = getattr(cb, event, None)
+        if fn is not None:
+            fn(info)
+
+
 def rack_stacks(rack) -> list[nn.Module]:
     """The rack's stacks in order (the modules of progressive training)."""
     return list(rack.stacks)
@@ -394,5 +415,7 @@ __all__ = [
     "count_batches",
     "flat_blocks",
     "peak_memory_bytes",
+    "call_callbacks",
     "rack_stacks",
+    "stage_cache",
 ]

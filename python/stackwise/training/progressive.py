@@ -60,7 +60,14 @@ from stackwise.training.checkpoint import (
 from stackwise.training.consolidation import consolidate, set_trunk_recompute
 from stackwise.training.distributed import DistributedContext, active_context
 from stackwise.training.growth import init_new_stack, stage_steps_share
-from stackwise.training.loop import TrainLoop, Unit, count_batches, rack_stacks
+from stackwise.training.loop import (
+    TrainLoop,
+    Unit,
+    call_callbacks,
+    count_batches,
+    rack_stacks,
+    stage_cache,
+)
 from stackwise.training.parallel import DataParallel
 from stackwise.training.rack_builder import ProgressiveRackBuilder
 from stackwise.training.step import BatchStep, resolve_device
@@ -123,23 +130,12 @@ class ProgressiveTrainer:
         self.step.set_tokenizer_ids(tokenizer_ids)
 
     def _emit(self, event: str, info: dict[str, Any]) -> None:
-        if not self.parallel.is_main:
-            return  # callbacks (logging) run on rank 0 only
-        for cb in self.callbacks:
-            fn = getattr(cb, event, None)
-            if fn is not None:
-                fn(info)
+        if self.parallel.is_main:  # callbacks (logging) run on rank 0 only
+            call_callbacks(self.callbacks, event, info)
 
     def _new_cache(self) -> CacheManager:
         cm = self.training.caching
-        # "rack": storing a new boundary releases the previous one; a stage reads only its own.
-        return CacheManager(
-            cache_mode="rack",
-            max_cache_size=cm.max_cache_size,
-            max_memory_mb=cm.max_memory_mb,
-            storage_precision=cm.storage_precision,
-            spill_dir=self.parallel.spill_dir(cm.spill_dir),
-        )
+        return stage_cache(cm, self.parallel.spill_dir(cm.spill_dir))
 
     @property
     def global_step(self) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 
 from stackwise.exceptions import TrainingError
 from stackwise.training.batches import check_loader
-from stackwise.training.loop import TrainLoop, Unit, count_batches
+from stackwise.training.loop import TrainLoop, Unit, call_callbacks, count_batches, stage_cache
 from stackwise.training.parallel import DataParallel
 from stackwise.training.step import BatchStep, resolve_device
 from stackwise.training.strategies.caching import CacheManager
@@ -51,20 +51,10 @@ class SegmentTrainer:
         return self.loop.cache
 
     def _emit(self, event: str, info: dict[str, Any]) -> None:
-        for cb in self.callbacks:
-            fn = getattr(cb, event, None)
-            if fn is not None:
-                fn(info)
+        call_callbacks(self.callbacks, event, info)
 
     def _new_cache(self) -> CacheManager:
-        cm = self.training.caching
-        return CacheManager(
-            cache_mode="rack",
-            max_cache_size=cm.max_cache_size,
-            max_memory_mb=cm.max_memory_mb,
-            storage_precision=cm.storage_precision,
-            spill_dir=cm.spill_dir,
-        )
+        return stage_cache(self.training.caching)
 
     def unit_ratio(self, end: int, n_units: int) -> float:
         """Mask ratio of a unit ending at unit ``end`` (exclusive) of ``n_units``: the
