@@ -17,15 +17,11 @@ folder to restore.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from stackwise._io import atomic_write_text, verify_manifest
 from stackwise.exceptions import StackWiseError, TrainingError
-
-# The files every checkpoint folder holds (see training/checkpoint.py).
-CHECKPOINT_FILES = ("model.safetensors", "rng.safetensors", "builder.json", "trainer.json")
-_FOLDER = re.compile(r"^stage-\d{3,}(?:-step-\d{6,})?$")
+from stackwise.training.checkpoint import CHECKPOINT_FILES, CHECKPOINT_NAME
 
 
 def _inside(folder: Path, root: Path) -> bool:
@@ -42,7 +38,7 @@ def pointed_checkpoint(checkpoints: Path) -> Path | None:
         name = pointer.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise TrainingError(f"{pointer} cannot be read as a folder name: {exc}") from None
-    if not _FOLDER.match(name):
+    if not CHECKPOINT_NAME.match(name):
         raise TrainingError(
             f"{pointer} names {name[:80]!r}; it must name a checkpoint folder of {checkpoints} "
             "(stage-NNN or stage-NNN-step-KKKKKK), not a path"

@@ -39,9 +39,10 @@ from stackwise._io import atomic_write_bytes, atomic_write_text, sha256_file, ve
 from stackwise.exceptions import CacheCorruptionError, TrainingError
 from stackwise.training.optim import optimizer_state_from_tensors, optimizer_state_to_tensors
 
-_FILES_V1 = ("model.safetensors", "rng.safetensors", "builder.json", "trainer.json")
+# The files every checkpoint folder holds, and the folder names.
+CHECKPOINT_FILES = ("model.safetensors", "rng.safetensors", "builder.json", "trainer.json")
 _VERSION = 2
-_NAME = re.compile(r"^stage-(\d{3,})(?:-step-(\d{6,}))?$")
+CHECKPOINT_NAME = re.compile(r"^stage-(\d{3,})(?:-step-(\d{6,}))?$")
 
 
 def _json_safe(data: Any) -> Any:
@@ -96,7 +97,7 @@ def checkpoint_folders(directory: str | os.PathLike[str]) -> list[Path]:
     found = []
     if root.is_dir():
         for p in root.iterdir():
-            m = _NAME.match(p.name)
+            m = CHECKPOINT_NAME.match(p.name)
             if m and p.is_dir():
                 step = int(m.group(2)) if m.group(2) is not None else float("inf")
                 found.append(((int(m.group(1)), step), p))
@@ -265,7 +266,7 @@ def _verified(folder: Path) -> dict[str, str]:
         manifest = verify_manifest(folder, digests=False)
     except CacheCorruptionError as exc:
         raise TrainingError(f"checkpoint {folder} cannot be trusted: {exc}") from None
-    for name in sorted(set(manifest) | set(_FILES_V1)):
+    for name in sorted(set(manifest) | set(CHECKPOINT_FILES)):
         path = folder / name
         if not path.is_file():
             raise TrainingError(f"checkpoint {folder} is missing {name}")
@@ -338,6 +339,8 @@ def load_checkpoint(
 
 
 __all__ = [
+    "CHECKPOINT_FILES",
+    "CHECKPOINT_NAME",
     "ResumeState",
     "StageProgress",
     "capture_rng_state",

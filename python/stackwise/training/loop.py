@@ -236,7 +236,6 @@ class TrainLoop:
         steps = unit.steps
 
         if isinstance(unit.groups, torch.optim.Optimizer):
-            groups = None
             opt = unit.groups
         else:
             groups = self.parallel.wrap(unit.model, unit.groups, self._loss_fn(unit))

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,11 +93,10 @@ class MicroBatch:
     ids: Tensor | None = None
     time: Tensor | None = None
     hidden: Tensor | None = None
+    n_tok: int = field(init=False)  # positions that carry a target (counted once: a sync)
 
-    @property
-    def n_tok(self) -> int:
-        """Positions that carry a target."""
-        return int((self.labels != IGNORE_INDEX).sum())
+    def __post_init__(self) -> None:
+        self.n_tok = int((self.labels != IGNORE_INDEX).sum())
 
 
 def run_modules(
