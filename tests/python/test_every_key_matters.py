@@ -156,6 +156,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["training.progressive.steps_per_stack=null", "training.max_steps=6"],
         ["training.progressive.stage_budget=front_loaded"],
     ),
+    "training.progressive.stage_lr_scale": ([], ["training.progressive.stage_lr_scale=2.0"]),
+    "training.progressive.noise_ranges": (DIFF, ["training.progressive.noise_ranges=linear"]),
     "training.qlora.rank": (QLORA, ["training.qlora.rank=2"]),
     "training.qlora.alpha": (QLORA, ["training.qlora.alpha=1.0"]),
     "training.qlora.dropout": (QLORA, ["training.qlora.dropout=0.5"]),

@@ -126,6 +126,14 @@ DESCRIPTIONS: dict[str, str] = {
         "split of max_steps over the stages: uniform, front_loaded (stage k of n gets n - k "
         "shares) or back_loaded (k + 1 shares)"
     ),
+    "training.progressive.stage_lr_scale": (
+        "learning-rate factor of every stage after the first (the new stack and the head)"
+    ),
+    "training.progressive.noise_ranges": (
+        "mask ratios of a stage (mlm/diffusion): none (one ratio from training.masking), "
+        "linear (equal-width ranges of [min_fraction, max_fraction], a ratio per sample) or "
+        "equal_mass (ranges of equal mass of the ELBO weight 1/t)"
+    ),
     "training.qlora.rank": "LoRA rank of trunk adapters",
     "training.qlora.alpha": "LoRA scale numerator (scale = alpha / rank)",
     "training.qlora.dropout": "dropout on the LoRA input",

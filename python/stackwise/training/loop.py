@@ -117,7 +117,7 @@ class Unit:
     end: int
     groups: list[dict] | torch.optim.Optimizer
     steps: int
-    ratio: float = 0.0
+    ratio: float | tuple[float, float] = 0.0
     cached: bool = False
     identity: dict[str, Any] = field(default_factory=dict)
     index: int = 0
