@@ -22,7 +22,7 @@ training memory does not exceed the progressive stage's (``--shallow-depth auto`
 
     python bench/quality.py [--steps 400] [--tokenizer bytes|gpt2] [--arms e2e_full ...]
                             [--budgets tokens time] [--shallow-depth auto|N]
-                            [--json bench/results/quality.json] [--plot docs/quality.png]
+                            [--json bench/quality_results/bytes-400.json] [--plot docs/quality.png]
     python bench/quality.py --write-configs DIR [--steps 400]   # each arm as a YAML file
     stackwise train --config DIR/prog_copy_consolidate.yaml      # one arm, as a user runs it
 
@@ -240,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         "--calibrate-steps", type=int, default=64, help="steps of each equal-time calibration run"
     )
     p.add_argument("--calibrate-rounds", type=int, default=3, help="calibration runs per arm")
-    p.add_argument("--json", default="bench/results/quality.json")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="result file (default: bench/quality_results/<tokenizer>-<steps>.json, committed)",
+    )
     p.add_argument("--plot", default="docs/quality.png")
     p.add_argument(
         "--write-configs",
@@ -254,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.json is None:
+        args.json = f"bench/quality_results/{args.tokenizer}-{args.steps}.json"
     if args.report:
         text = Path(args.report).read_text()
         if args.report.endswith(".jsonl"):
@@ -267,10 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_configs:
         shallow = 2 if args.shallow_depth == "auto" else int(args.shallow_depth)
         Path(args.write_configs).mkdir(parents=True, exist_ok=True)
+        n = 0
         for arm in args.arms:
             cfg = arm_config(arm, args.steps, args.tokenizer, shallow)
             cfg.to_yaml(Path(args.write_configs) / f"{arm}.yaml")
-        print(f"wrote {len(args.arms)} configurations to {args.write_configs}")
+            n += 1
+            if arm in ("e2e_full", "e2e_shallow"):  # the same model, end-to-end trainer
+                cfg.training.progressive.enabled = False
+                cfg.training.mode = "rackwise"
+                cfg.validate().to_yaml(Path(args.write_configs) / f"{arm}_rackwise.yaml")
+                n += 1
+        print(f"wrote {n} configurations to {args.write_configs}")
         return 0
     if args.worker:
         shallow = int(args.shallow_depth)
