@@ -94,7 +94,10 @@ DESCRIPTIONS: dict[str, str] = {
     "training.optimizer.eps": "Adam epsilon",
     "training.optimizer.weight_decay": "decoupled weight decay",
     "training.optimizer.momentum": "SGD momentum",
-    "training.optimizer.warmup_steps": "linear warmup steps at the start of each stage",
+    "training.optimizer.warmup_steps": (
+        "linear warmup steps at the start of each stage; a stage with no more steps than this "
+        "warms up for a tenth of its steps instead (stackwise train prints it)"
+    ),
     "training.optimizer.schedule": "learning-rate decay after warmup, per stage",
     "training.optimizer.min_lr_ratio": "final learning rate as a share of the peak",
     "training.optimizer.grad_clip": "global gradient-norm clip (0: off)",
