@@ -2,9 +2,10 @@
 
 ``stackwise config reference`` prints it as markdown: one table per section (the dataclass's
 docstring, then every field with its type, default, the allowed values its field declares
-(:func:`stackwise.config._schema.choice`) and a one-line description from :data:`DESCRIPTIONS`). The
-README's "Configuration reference" section is this output between two marker comments;
-``stackwise config reference --update README.md`` rewrites it and a test checks that they agree.
+(:func:`stackwise.config._schema.choice`) and a one-line description from :data:`DESCRIPTIONS`).
+``docs/configuration.md`` is this output between two marker comments;
+``stackwise config reference --update docs/configuration.md`` rewrites it and a test checks that
+they agree.
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ DESCRIPTIONS: dict[str, str] = {
     "training.optimizer.eps": "Adam epsilon",
     "training.optimizer.weight_decay": "decoupled weight decay",
     "training.optimizer.momentum": "SGD momentum",
-    "training.optimizer.warmup_steps": "linear warmup steps at the start of each stage",
+    "training.optimizer.warmup_steps": (
+        "linear warmup steps at the start of each stage; a stage with no more steps than this "
+        "warms up for a tenth of its steps instead (stackwise train prints it)"
+    ),
     "training.optimizer.schedule": "learning-rate decay after warmup, per stage",
     "training.optimizer.min_lr_ratio": "final learning rate as a share of the peak",
     "training.optimizer.grad_clip": "global gradient-norm clip (0: off)",
