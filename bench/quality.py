@@ -176,7 +176,7 @@ def _print_table(rows: list[dict]) -> None:
 def markdown_table(rows: list[dict]) -> str:
     """The README's table: one line per arm and budget."""
     out = [
-        "| budget | arm | steps | tokens | held-out bpb | bpb after each stage | train s "
+        "| budget | arm | what it is | steps | held-out bpb | bpb after each stage | train s "
         "| accelerator MiB (params / grads / optimizer / saved) | cache MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -189,7 +189,7 @@ def markdown_table(rows: list[dict]) -> str:
         )
         stages = " → ".join(f"{s['eval_bpb']:.2f}" for s in r["stages"])
         out.append(
-            f"| {r['budget']} | {r['arm']} | {r['steps']} | {r['tokens']:,} | "
+            f"| {r['budget']} | `{r['arm']}` | {ARMS[r['arm']][0]} | {r['steps']} | "
             f"**{r['eval_bpb']:.3f}** | {stages} | {r['train_s']:.0f} | "
             f"{r['accel_peak_bytes'] / mib:.1f} ({parts}) | {r['cache_peak_bytes'] / mib:.1f} |"
         )
