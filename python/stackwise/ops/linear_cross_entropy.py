@@ -79,7 +79,7 @@ def linear_cross_entropy(
             f"linear_cross_entropy: labels has shape {list(labels.shape)} but hidden's leading "
             f"shape is {list(hidden.shape[:-1])}; they must match"
         )
-    h = hidden.reshape(-1, hidden.shape[-1])
+    h = hidden.reshape(labels.numel(), hidden.shape[-1])
     y = labels.reshape(-1)
     params = (int(ignore_index), float(label_smoothing), float(z_loss))
     grad_wanted = torch.is_grad_enabled() and (
@@ -116,7 +116,7 @@ def linear_cross_entropy_with_predictions(
     first index of the maximum, as ``torch.argmax``), both of ``labels``' shape: what an
     evaluation needs for loss and accuracy in one pass."""
     losses, preds = torch.ops.stackwise.linear_cross_entropy_forward.default(
-        hidden.reshape(-1, hidden.shape[-1]),
+        hidden.reshape(labels.numel(), hidden.shape[-1]),
         weight,
         bias,
         labels.reshape(-1),

@@ -245,7 +245,7 @@ def linear_cross_entropy_reference(
     accumulation dtype, with the N x V logits in memory; a mean over no labelled token is 0."""
     acc = _acc_dtype(hidden)
     logits = F.linear(
-        hidden.reshape(-1, hidden.shape[-1]).to(acc),
+        hidden.reshape(labels.numel(), hidden.shape[-1]).to(acc),
         weight.to(acc),
         None if bias is None else bias.to(acc),
     )
