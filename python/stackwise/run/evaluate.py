@@ -1,7 +1,9 @@
 """Evaluation of a trained run: loss, perplexity, bits per byte, masked-token accuracy, and the
 unigram baseline a model must beat.
 
-- **loss**: mean cross entropy (nats) per predicted token over the split's windows: next tokens
+- **loss**: mean cross entropy (nats) per predicted token over the split's windows (the first
+  ``training.eval_max_tokens`` tokens' worth of them when that is set; ``tokens`` and
+  ``split_tokens`` in the result say how many were scored of how many): next tokens
   for causal racks; for mlm / diffusion racks the masked positions at the mask ratio of the last
   stage trained (``training.masking.max_fraction`` for both building modes), masks drawn from
   the sample ids as in training. A rack with ``time_interpretation: input`` is evaluated as it
@@ -211,7 +213,7 @@ def evaluate_run(
     rank r evaluates batches r, r + W, ...; the sums (nats, scored tokens, correct predictions,
     bytes, and a diffusion rack's bound) are all-reduced, so every rank returns the figures of
     one process."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
 
     from stackwise.data import create_data_loaders
     from stackwise.ops import linear_cross_entropy_with_predictions
@@ -229,7 +231,13 @@ def evaluate_run(
             f"{dataset.seq_len + 1} tokens"
         )
     bs = batch_size or config.training.batch_size
-    loader = DataLoader(dataset, batch_size=bs, shuffle=False)
+    split_tokens = len(dataset) * dataset.seq_len
+    cap = config.training.eval_max_tokens
+    windows = dataset
+    if cap is not None and cap < split_tokens:
+        # the first windows holding at most `cap` tokens (at least one window)
+        windows = Subset(dataset, range(max(1, cap // dataset.seq_len)))
+    loader = DataLoader(windows, batch_size=bs, shuffle=False)
     objective = config.training.progressive.training_objective
     m = config.training.masking
     ratio = 0.0
@@ -311,4 +319,5 @@ def evaluate_run(
         "scored_tokens": n_scored,
         "bytes": n_bytes,
         "windows": n_windows,
+        "split_tokens": split_tokens,
     }

@@ -309,7 +309,13 @@ def _train(
         save_rack(rack, run.rack)
         evaluation: dict[str, Any] = {}
         if eval_loader is not None:
-            progress.line("evaluating the final rack on the whole validation split")
+            cap = config.training.eval_max_tokens
+            progress.line(
+                "evaluating the final rack on the whole validation split"
+                if cap is None
+                else f"evaluating the final rack on the first {cap:,} validation tokens "
+                "(training.eval_max_tokens)"
+            )
             loaded = LoadedRun(run, config, rack, tok, trainer.device)
             t_eval = time.perf_counter()
             evaluation = evaluate_run(loaded, "val")
@@ -340,6 +346,8 @@ def _train(
             bits_per_byte_quantity=evaluation.get("bits_per_byte_quantity"),
             unigram_loss=evaluation.get("unigram_loss"),
             masked_accuracy=evaluation.get("masked_accuracy"),
+            eval_tokens=evaluation.get("tokens"),
+            eval_split_tokens=evaluation.get("split_tokens"),
             wall_s=summary["wall_s"],
         )
     finally:

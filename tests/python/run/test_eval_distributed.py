@@ -57,3 +57,18 @@ def test_two_ranks_split_the_batches_and_match_one_process(trained_run, tmp_path
             assert r[key] == one[key], key
         for key in ("loss", "perplexity", "bits_per_byte", "unigram_loss"):
             assert math.isclose(r[key], one[key], rel_tol=1e-12), (key, r[key], one[key])
+
+
+def test_eval_max_tokens_scores_the_first_windows_and_says_so(trained_run):
+    _, run_dir = trained_run
+    run = load_run(run_dir, device="cpu")
+    whole = evaluate_run(run, "val", batch_size=2)
+    seq = whole["tokens"] // whole["windows"]
+    run.config.training.eval_max_tokens = 2 * seq + 5  # two windows' worth
+    capped = evaluate_run(run, "val", batch_size=2)
+    assert capped["windows"] == 2 and capped["tokens"] == 2 * seq
+    assert capped["split_tokens"] == whole["split_tokens"] == whole["tokens"]
+    run.config.training.eval_max_tokens = None
+    first_batch = evaluate_run(run, "val", batch_size=2, max_batches=1)
+    assert capped["loss"] == first_batch["loss"] and capped["bytes"] == first_batch["bytes"]
+    assert capped["loss"] != whole["loss"]
