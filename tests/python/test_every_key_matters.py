@@ -157,6 +157,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["training.progressive.steps_per_stack=null", "training.max_steps=6"],
         ["training.progressive.stage_budget=front_loaded"],
     ),
+    "training.progressive.stage_lr_scale": ([], ["training.progressive.stage_lr_scale=2.0"]),
+    "training.progressive.noise_ranges": (DIFF, ["training.progressive.noise_ranges=linear"]),
     "training.qlora.rank": (QLORA, ["training.qlora.rank=2"]),
     "training.qlora.alpha": (QLORA, ["training.qlora.alpha=1.0"]),
     "training.qlora.dropout": (QLORA, ["training.qlora.dropout=0.5"]),
@@ -206,6 +208,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
 }
 # Keys whose change shows only where a tiny run cannot go; each names the test that shows it.
 ELSEWHERE = {
+    "training.eval_max_tokens": "the final evaluation only: test_eval_distributed.py",
     "model.tokenizer_embedding.family": "a pretrained table (embed_tokens): test_ffn_lexical.py",
     "model.tokenizer_embedding.embedding_option": "loads a pretrained table: test_ffn_lexical.py",
     "model.tokenizer_embedding.path": "the pretrained table's file: test_ffn_lexical.py",

@@ -153,6 +153,8 @@ class ProgressiveConfig:
     stage_budget: str = choice("uniform", ("uniform", "front_loaded", "back_loaded"))
     consolidation_steps: int = 0
     trunk_checkpointing: bool = False
+    stage_lr_scale: float = 1.0
+    noise_ranges: str = choice("none", ("none", "linear", "equal_mass"))
 
 
 @dataclass
@@ -238,6 +240,7 @@ class TrainingConfig:
     seed: int = 42
     log_every: int = 10
     eval_every: int = 200
+    eval_max_tokens: int | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     qlora: QLoRAConfig = field(default_factory=QLoRAConfig)

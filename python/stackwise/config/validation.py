@@ -182,6 +182,8 @@ def _check_training(c: _Checker, t, model) -> None:
     for key in ("block_size", "total_blocks", "batch_size", "seq_len", "log_every", "eval_every"):
         c.positive(f"training.{key}", getattr(t, key))
     c.positive("training.learning_rate", t.learning_rate)
+    if t.eval_max_tokens is not None:
+        c.positive("training.eval_max_tokens", t.eval_max_tokens)
     c.non_negative("training.max_steps", t.max_steps)
     if t.seq_len > model.max_seq_len:
         c.fail("training.seq_len", f"{t.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
@@ -214,6 +216,19 @@ def _check_training(c: _Checker, t, model) -> None:
         )
     if p.steps_per_stack is not None:
         c.positive("training.progressive.steps_per_stack", p.steps_per_stack)
+    c.positive("training.progressive.stage_lr_scale", p.stage_lr_scale)
+    if p.noise_ranges != "none" and p.training_objective == "clm":
+        c.fail(
+            "training.progressive.noise_ranges",
+            f"{p.noise_ranges!r} gives each stage a range of mask ratios: use the 'diffusion' "
+            "or 'mlm' objective, or noise_ranges 'none'",
+        )
+    if p.noise_ranges == "equal_mass" and t.masking.min_fraction <= 0.0:
+        c.fail(
+            "training.progressive.noise_ranges",
+            "'equal_mass' splits [min_fraction, max_fraction] by equal mass of 1/t: "
+            "training.masking.min_fraction must be > 0",
+        )
     if p.time_interpretation == "input" and p.training_objective == "clm":
         c.fail(
             "training.progressive.time_interpretation",

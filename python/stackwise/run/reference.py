@@ -84,6 +84,11 @@ DESCRIPTIONS: dict[str, str] = {
     "training.seed": "seed of initialisation, shuffling and masks",
     "training.log_every": "steps between metrics records and plain progress lines",
     "training.eval_every": "steps between validation evaluations (and at each stage's end)",
+    "training.eval_max_tokens": (
+        "cap on the tokens the final evaluation (and stackwise eval) scores: the first "
+        "windows of the split holding that many (null: the whole split); the count is reported "
+        "as eval_tokens"
+    ),
     "training.run_id": "free-form run name (not read by stackwise train)",
     "training.init_from": (
         "local Hugging Face Llama folder or Llama .gguf file: its blocks become the trunk "
@@ -129,6 +134,14 @@ DESCRIPTIONS: dict[str, str] = {
     "training.progressive.stage_budget": (
         "split of max_steps over the stages: uniform, front_loaded (stage k of n gets n - k "
         "shares) or back_loaded (k + 1 shares)"
+    ),
+    "training.progressive.stage_lr_scale": (
+        "learning-rate factor of every stage after the first (the new stack and the head)"
+    ),
+    "training.progressive.noise_ranges": (
+        "mask ratios of a stage (mlm/diffusion): none (one ratio from training.masking), "
+        "linear (equal-width ranges of [min_fraction, max_fraction], a ratio per sample) or "
+        "equal_mass (ranges of equal mass of the ELBO weight 1/t)"
     ),
     "training.qlora.rank": "LoRA rank of trunk adapters",
     "training.qlora.alpha": "LoRA scale numerator (scale = alpha / rank)",

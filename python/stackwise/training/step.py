@@ -4,9 +4,11 @@
     micro = step.micro_batch((batch_idx, batch), ratio)          # parse -> corrupt
     loss = step.loss(rack, modules, micro)                       # embed -> modules -> head
 
-A model is seen as ``embed(ids, t) -> modules[0] -> ... -> modules[n-1] -> logits(h)``: the
-modules are a rack's stacks (progressive training) or its blocks (hierarchical and fusion
-training), each called as ``module(h [B, S, D], key_padding_mask [B, S] | None)``.
+A model is seen as ``embed(ids, t) -> modules[0] -> ... -> modules[n-1] -> token_loss(h, y)``
+(the head and the cross entropy in one native op, :func:`stackwise.ops.linear_cross_entropy`,
+which never forms the logits in full): the modules are a rack's stacks (progressive training)
+or its blocks (hierarchical and fusion training), each called as
+``module(h [B, S, D], key_padding_mask [B, S] | None)``.
 
 *Boundary b* is the activation entering ``modules[b]`` (b = 0: the embeddings), the convention of
 ``Rack.forward(..., return_hidden=True)``. When everything before boundary b is frozen, the
@@ -47,7 +49,6 @@ from stackwise.training.strategies.masking import (
     IGNORE_INDEX,
     corrupt_batch,
     sample_noise_levels,
-    token_loss,
 )
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,13 +154,17 @@ class BatchStep:
         return parse_batch(batch, batch_idx, m.vocab_size, m.max_seq_len)
 
     def corrupt(
-        self, parsed: dict[str, Tensor | None], ratio: float
+        self, parsed: dict[str, Tensor | None], ratio: float | tuple[float, float]
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(inputs, labels, t)`` for the objective at mask ratio ``ratio``; ``t`` is the
         per-sample noise level [B] with ``time_interpretation: input`` (it replaces
-        ``ratio``), else None."""
+        ``ratio``), else None. A ``(lo, hi)`` ratio draws each sample's ratio in that range
+        (``training.progressive.noise_ranges``; it is also ``t`` with an ``input`` time)."""
         t = None
-        if self.input_time:
+        if isinstance(ratio, tuple):  # a range: one ratio per sample drawn in it
+            ratio = sample_noise_levels(parsed["sample_id"], self.seed, *ratio)
+            t = ratio if self.input_time else None
+        elif self.input_time:
             t = sample_noise_levels(
                 parsed["sample_id"], self.seed, self.masking.min_fraction, self.masking.max_fraction
             )
@@ -176,7 +181,7 @@ class BatchStep:
         )
         return inputs, labels, t
 
-    def micro_batch(self, item: tuple[int, Any], ratio: float) -> MicroBatch:
+    def micro_batch(self, item: tuple[int, Any], ratio: float | tuple[float, float]) -> MicroBatch:
         """``(batch_idx, batch)`` from a loader, parsed and corrupted, on the device."""
         batch_idx, batch = item
         parsed = self.parse(batch, batch_idx)
@@ -212,7 +217,7 @@ class BatchStep:
         modules: Sequence[nn.Module],
         boundary: int,
         dataloader,
-        ratio: float,
+        ratio: float | tuple[float, float],
         limit: int,
     ) -> list[int]:
         """Store boundary ``boundary`` of the first ``limit`` batches of ``dataloader`` (the
@@ -255,9 +260,12 @@ class BatchStep:
     ) -> Tensor:
         """Mean token loss of ``m`` through ``modules[m.start:end]`` and the head, under the
         configured autocast. A micro-batch without any target is an error (callers skip them)."""
+        if m.n_tok == 0:
+            raise TrainingError(
+                "no position has a target (every label is -100): there is no loss to train on"
+            )
         with self.autocast():
-            logits = model.logits(self.hidden(model, modules, m, end))
-        return token_loss(logits, m.labels)
+            return model.token_loss(self.hidden(model, modules, m, end), m.labels)
 
     @torch.no_grad()
     def evaluate(
@@ -265,7 +273,7 @@ class BatchStep:
         model: nn.Module,
         modules: Sequence[nn.Module],
         loader,
-        ratio: float,
+        ratio: float | tuple[float, float],
         max_batches: int = 50,
     ) -> float:
         """Mean loss per target token of the whole model on the first ``max_batches`` batches of
