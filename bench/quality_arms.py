@@ -97,8 +97,8 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
         _prog(UNTIED, _init("copy"), CONSOLIDATE),
     ),
     "prog_copy_qlora": (
-        "copy init, NF4 trunk with LoRA adapters",
-        _prog(UNTIED, _init("copy"), QLORA_TRUNK),
+        "copy init, NF4 trunk with LoRA adapters, stages 2-4 at twice the learning rate",
+        _prog(UNTIED, _init("copy"), QLORA_TRUNK, _prog_opt(stage_lr_scale=2.0)),
     ),
     "prog_copy_front_lr2": (
         "copy init, front-loaded, stages after the first at twice the learning rate",
@@ -161,6 +161,7 @@ def base_dict(steps: int, tokenizer: str) -> dict[str, Any]:
                 "training_objective": "clm",
                 "new_stack_init": "random",  # arms name what they change
                 "stage_budget": "uniform",
+                "stage_lr_scale": 1.0,
             },
             "caching": {"max_memory_mb": 8192, "max_cache_size": 100000},
             "checkpointing": {"enabled": False},

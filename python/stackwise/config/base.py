@@ -153,7 +153,7 @@ class ProgressiveConfig:
     stage_budget: str = choice("front_loaded", ("uniform", "front_loaded", "back_loaded"))
     consolidation_steps: int = 0
     trunk_checkpointing: bool = False
-    stage_lr_scale: float = 1.0
+    stage_lr_scale: float = 3.0
     noise_ranges: str = choice("none", ("none", "linear", "equal_mass"))
 
 

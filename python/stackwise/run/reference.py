@@ -136,7 +136,8 @@ DESCRIPTIONS: dict[str, str] = {
         "the best in bench/quality.py), uniform or back_loaded (k + 1 shares)"
     ),
     "training.progressive.stage_lr_scale": (
-        "learning-rate factor of every stage after the first (the new stack and the head)"
+        "learning-rate factor of every stage after the first (the new stack and the head; "
+        "3 measured best in bench/quality.py)"
     ),
     "training.progressive.noise_ranges": (
         "mask ratios of a stage (mlm/diffusion): none (one ratio from training.masking), "

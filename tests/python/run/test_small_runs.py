@@ -10,6 +10,7 @@ import math
 import pytest
 
 from stackwise.cli import main
+from stackwise.config.base import ProgressiveConfig
 from stackwise.run.metrics import read_metrics
 from stackwise.training.growth import stage_steps_share
 from stackwise.training.optim import effective_warmup, lr_lambda
@@ -47,8 +48,10 @@ def test_smoke_run_shorter_than_the_warmup_runs_and_says_so(make_tiny, tmp_path,
     assert "shortened to 0" in lines[0] and "never reach its peak" in lines[0]
     lrs = _stage_lrs(records)
     assert sorted(lrs) == [0, 1] and [len(v) for v in lrs.values()] == [2, 2]
-    # No warmup left: each stage starts at the peak learning rate.
-    assert lrs[0][0] == pytest.approx(LR) and lrs[1][0] == pytest.approx(LR)
+    # No warmup left: each stage starts at its peak learning rate (later stages at
+    # training.progressive.stage_lr_scale times the first's).
+    scale = ProgressiveConfig().stage_lr_scale
+    assert lrs[0][0] == pytest.approx(LR) and lrs[1][0] == pytest.approx(LR * scale)
     assert records[-1]["type"] == "final"
 
 
@@ -71,7 +74,8 @@ def test_per_stage_budgets_shorten_only_the_stages_the_warmup_does_not_fit(
     lrs = _stage_lrs(records)
     assert lrs[0][:3] == pytest.approx([LR / 12, 2 * LR / 12, 3 * LR / 12])  # kept: 12 steps
     assert lrs[0][11] == pytest.approx(LR)
-    assert lrs[1][:2] == pytest.approx([LR, LR])  # shortened to 1 step: (0 + 1) / 1, then peak
+    peak = LR * ProgressiveConfig().stage_lr_scale  # stage 1's peak
+    assert lrs[1][:2] == pytest.approx([peak, peak])  # shortened to 1 step: (0 + 1) / 1, then peak
 
 
 def test_effective_warmup():

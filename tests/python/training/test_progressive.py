@@ -291,13 +291,11 @@ def test_dual_lora_groups_lrs_ranks_and_gradients():
         "head": lr,
         "embeddings": lr,
     }
+    later = lr * config.training.progressive.stage_lr_scale  # stages after the first
     for info in rec.stages[1:]:
-        assert info["group_lr"] == {
-            "current_stack": lr,
-            "current_stack_lora": qlr,
-            "head": lr,
-            "qlora_trunk": qlr,
-        }
+        assert info["group_lr"] == pytest.approx(
+            {"current_stack": later, "current_stack_lora": qlr, "head": later, "qlora_trunk": qlr}
+        )
     rack = builder.build_rack()
 
     def adapters(i):
