@@ -9,7 +9,7 @@
     stackwise info [--json]
     stackwise plan --config FILE [--device-memory 80GB] [--end-to-end] [--json] [key=value ...]
     stackwise config show|validate FILE [key=value ...]
-    stackwise config reference [--update README.md]
+    stackwise config reference [--update docs/configuration.md]
 
 Every command has --help. An error prints one line (``stackwise: error: ...``), naming the log
 file that holds the traceback when there is one, and exits non-zero: 2 for bad input (options,
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("file", nargs="?", help="YAML configuration (show, validate)")
     _add_overrides(cfg)
     cfg.add_argument(
-        "--update", metavar="README", help="reference: rewrite the generated section of this file"
+        "--update", metavar="FILE", help="reference: rewrite the generated section of this file"
     )
     cfg.set_defaults(func=_config_command)
     return parser

@@ -1,6 +1,6 @@
 """Every key of the configuration reference is read: changing it changes what a run does.
 
-The test walks the generated reference (``stackwise config reference``, the README's table) and
+The test walks the generated reference (``stackwise config reference``, docs/configuration.md) and
 for each key trains a tiny run twice, with and without the change, on a small local corpus,
 through the same path ``stackwise train`` takes (data loaders, the progressive or the
 hierarchical trainer, metrics, checkpoints). A run's fingerprint is everything observable: the

@@ -2,9 +2,10 @@
 
 ``stackwise config reference`` prints it as markdown: one table per section (the dataclass's
 docstring, then every field with its type, default, the allowed values its field declares
-(:func:`stackwise.config._schema.choice`) and a one-line description from :data:`DESCRIPTIONS`). The
-README's "Configuration reference" section is this output between two marker comments;
-``stackwise config reference --update README.md`` rewrites it and a test checks that they agree.
+(:func:`stackwise.config._schema.choice`) and a one-line description from :data:`DESCRIPTIONS`).
+``docs/configuration.md`` is this output between two marker comments;
+``stackwise config reference --update docs/configuration.md`` rewrites it and a test checks that
+they agree.
 """
 
 from __future__ import annotations

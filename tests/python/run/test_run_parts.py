@@ -1,5 +1,6 @@
 """Pieces of the run: the run directory's rules, metrics truncation on resume, the unigram
-baseline, byte counting, and the README's configuration reference (generated, never drifting)."""
+baseline, byte counting, and docs/configuration.md, the configuration reference (generated, never
+drifting)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from stackwise.run.metrics import MetricsWriter, read_metrics, truncate_after
 from stackwise.run.reference import DESCRIPTIONS, config_reference, readme_section
 from stackwise.run.rundir import RunDirectory
 
-README = Path(__file__).resolve().parents[3] / "README.md"
+CONFIG_DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 
 
 def test_run_directory_rules(tmp_path):
@@ -88,10 +89,10 @@ def test_every_config_field_is_described():
     assert "| `training.progressive.building_mode` | str | `append` |" in reference
 
 
-def test_readme_configuration_reference_is_generated():
-    """The README section is exactly `stackwise config reference`; after changing a config
-    dataclass run `stackwise config reference --update README.md`."""
-    assert readme_section(README.read_text(encoding="utf-8")) == config_reference()
+def test_configuration_reference_page_is_generated():
+    """docs/configuration.md's generated part is exactly `stackwise config reference`; after
+    changing a config dataclass run `stackwise config reference --update docs/configuration.md`."""
+    assert readme_section(CONFIG_DOC.read_text(encoding="utf-8")) == config_reference()
 
 
 def test_reference_update_rewrites_only_the_section(tmp_path):
