@@ -4,6 +4,11 @@ CMake holds every source, flag and test; this file only configures, builds and c
 folder persists (build/<python tag> unless STACKWISE_BUILD_DIR is set), so a second install
 rebuilds only what changed.
 
+The configuration library has one source, configs/ (the YAML recipes and their README); build_py
+copies it into the built package as stackwise/configs/, so a wheel or `pip install .` carries it
+(stackwise.config.library reads it there, or configs/ itself in a checkout), and MANIFEST.in puts
+it in the sdist.
+
 Knobs (environment): STACKWISE_BUILD_CUDA=auto|0|1, TORCH_CUDA_ARCH_LIST (default 9.0a),
 MAX_JOBS, CMAKE_BUILD_TYPE (default Release), STACKWISE_BUILD_DIR, CUDA_HOME.
 """
@@ -19,6 +24,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -105,7 +111,25 @@ class CMakeBuild(build_ext):
             os.replace(tmp, target)
 
 
+CONFIG_FILES = ("*.yaml", "README.md")
+
+
+class BuildPyWithConfigs(build_py):
+    """build_py, plus the configuration library copied from configs/ into stackwise/configs/."""
+
+    def run(self) -> None:
+        super().run()
+        source = ROOT / "configs"
+        files = sorted(p for pattern in CONFIG_FILES for p in source.glob(pattern))
+        if not any(p.suffix == ".yaml" for p in files):
+            raise RuntimeError(f"stackwise: no configurations in {source} to package")
+        target = Path(self.build_lib) / "stackwise" / "configs"
+        target.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            shutil.copy2(path, target / path.name)
+
+
 setup(
     ext_modules=[CMakeExtension("stackwise._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithConfigs},
 )

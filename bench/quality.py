@@ -8,8 +8,10 @@ All arms read the same global batch order (Shakespeare; stage k of a progressive
 batches after those of stages 0..k-1) and are scored on the same held-out batches.
 
 Budgets: ``tokens`` (every arm takes ``--steps`` optimizer steps) and ``time`` (each
-progressive arm's steps are scaled by the ratio of the shallow end-to-end arm's training time to
-the arm's own, measured in its equal-tokens run, so both train for about as long). Training time
+progressive arm's steps are scaled by its speed relative to the shallow end-to-end arm, so both
+train for about as long). The speed is calibrated first: short runs of the arm and of
+e2e_shallow side by side, in rounds, so the load of a shared machine falls on both alike (the
+median ratio of seconds per step; ``--calibrate-steps``, ``--calibrate-rounds``). Training time
 is the sum of the optimizer steps and the cache fills; evaluation is not counted.
 
 Memory, per stage, split into what would live on the accelerator (parameters and buffers of the
@@ -20,7 +22,7 @@ training memory does not exceed the progressive stage's (``--shallow-depth auto`
 
     python bench/quality.py [--steps 400] [--tokenizer bytes|gpt2] [--arms e2e_full ...]
                             [--budgets tokens time] [--shallow-depth auto|N]
-                            [--json bench/results/quality.json] [--plot docs/quality.png]
+                            [--json bench/quality_results/bytes-400.json] [--plot docs/quality.png]
     python bench/quality.py --write-configs DIR [--steps 400]   # each arm as a YAML file
     stackwise train --config DIR/prog_copy_consolidate.yaml      # one arm, as a user runs it
 
@@ -85,13 +87,39 @@ def _probe_shallow(args) -> tuple[int, list[dict]]:
     return best, rows
 
 
-def _run_all(args, shallow: int, parser) -> list[dict]:
-    """Every arm at equal tokens, then (as soon as it and e2e_shallow are done) each progressive
-    arm at equal time; ``--parallel`` arms at a time. Each result is appended to
+def _calibrate(args, shallow: int, arms: list[str]) -> dict[str, dict]:
+    """Each arm's training time per step relative to e2e_shallow's. In each of
+    ``--calibrate-rounds`` rounds, every arm runs ``--calibrate-steps`` steps in its own process
+    *at the same time* as an e2e_shallow run of as many steps (two processes side by side), so
+    whatever else loads the machine slows both alike; the arm's factor is the median over rounds
+    of (e2e_shallow's seconds per step) / (the arm's seconds per step)."""
+    out: dict[str, dict] = {}
+    n = args.calibrate_steps
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for arm in arms:
+            ratios, pairs = [], []
+            for _ in range(args.calibrate_rounds):
+                ref_job = pool.submit(_spawn, "e2e_shallow", n, args, shallow, 0)
+                arm_job = pool.submit(_spawn, arm, n, args, shallow, 0)
+                ref, got = ref_job.result(), arm_job.result()
+                ref_sps, arm_sps = ref["train_s"] / ref["steps"], got["train_s"] / got["steps"]
+                ratios.append(ref_sps / arm_sps)
+                pairs.append({"e2e_shallow_s_per_step": ref_sps, "arm_s_per_step": arm_sps})
+            ratios.sort()
+            out[arm] = {"scale": ratios[len(ratios) // 2], "rounds": pairs}
+            print(f"calibration {arm}: {out[arm]['scale']:.3f} x the steps of e2e_shallow")
+    return out
+
+
+def _run_all(args, shallow: int, parser) -> tuple[list[dict], dict]:
+    """Equal-time calibration (:func:`_calibrate`), then every arm at equal tokens and each
+    non-end-to-end arm at equal time, ``--parallel`` arms at a time. Each result is appended to
     ``<json>.partial.jsonl`` as it arrives."""
     if "time" in args.budgets and "e2e_shallow" not in args.arms:
         parser.error("the 'time' budget needs the e2e_shallow arm")
     every = args.eval_every or max(1, args.steps // 8)
+    timed_arms = [a for a in args.arms if not a.startswith("e2e")] if "time" in args.budgets else []
+    calibration = _calibrate(args, shallow, timed_arms) if timed_arms else {}
     partial = Path(args.json + ".partial.jsonl")
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_text("")
@@ -111,34 +139,24 @@ def _run_all(args, shallow: int, parser) -> list[dict]:
         record(r, f"{r['eval_bpb']:.3f} bpb, {r['train_s']:.0f} s")
         return r
 
-    def timed(arm_row: dict, ref: dict) -> None:
-        scale = ref["train_s"] / arm_row["train_s"]
+    def timed(arm: str) -> None:
+        scale = calibration[arm]["scale"]
         steps = max(4, int(round(args.steps * scale)))
-        t = _spawn(arm_row["arm"], steps, args, shallow, max(1, steps // 8))
-        t.update(budget="time", time_scale=scale, target_train_s=ref["train_s"])
-        record(
-            t,
-            f"{steps} steps, {t['train_s']:.0f} s (target {ref['train_s']:.0f} s), "
-            f"{t['eval_bpb']:.3f} bpb",
-        )
+        t = _spawn(arm, steps, args, shallow, max(1, steps // 8))
+        t.update(budget="time", time_scale=scale)
+        record(t, f"{steps} steps, {t['train_s']:.0f} s, {t['eval_bpb']:.3f} bpb")
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         futures = {arm: pool.submit(tokens, arm) for arm in args.arms}
-        if "time" in args.budgets:
-            ref = futures["e2e_shallow"].result()
-            timed_jobs = [
-                pool.submit(timed, futures[arm].result(), ref)
-                for arm in args.arms
-                if not arm.startswith("e2e")
-            ]
-            for job in timed_jobs:
-                job.result()
-            rows.append({**ref, "budget": "time"})
-        for f in futures.values():
-            f.result()
+        timed_jobs = [pool.submit(timed, arm) for arm in timed_arms]
+        for job in [*futures.values(), *timed_jobs]:
+            job.result()
+    if timed_arms:
+        ref = next(r for r in rows if r["arm"] == "e2e_shallow")
+        rows.append({**ref, "budget": "time"})
     order = {a: i for i, a in enumerate(args.arms)}
     rows.sort(key=lambda r: (r["budget"] != "tokens", order[r["arm"]]))
-    return rows
+    return rows, calibration
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -218,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batches", type=int, default=16, help="held-out batches of 16 x 128")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
     p.add_argument("--parallel", type=int, default=1, help="arms trained at the same time")
-    p.add_argument("--json", default="bench/results/quality.json")
+    p.add_argument(
+        "--calibrate-steps", type=int, default=64, help="steps of each equal-time calibration run"
+    )
+    p.add_argument("--calibrate-rounds", type=int, default=3, help="calibration runs per arm")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="result file (default: bench/quality_results/<tokenizer>-<steps>.json, committed)",
+    )
     p.add_argument("--plot", default="docs/quality.png")
     p.add_argument(
         "--write-configs",
@@ -232,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.json is None:
+        args.json = f"bench/quality_results/{args.tokenizer}-{args.steps}.json"
     if args.report:
         text = Path(args.report).read_text()
         if args.report.endswith(".jsonl"):
@@ -245,10 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_configs:
         shallow = 2 if args.shallow_depth == "auto" else int(args.shallow_depth)
         Path(args.write_configs).mkdir(parents=True, exist_ok=True)
+        n = 0
         for arm in args.arms:
             cfg = arm_config(arm, args.steps, args.tokenizer, shallow)
             cfg.to_yaml(Path(args.write_configs) / f"{arm}.yaml")
-        print(f"wrote {len(args.arms)} configurations to {args.write_configs}")
+            n += 1
+            if arm in ("e2e_full", "e2e_shallow"):  # the same model, end-to-end trainer
+                cfg.training.progressive.enabled = False
+                cfg.training.mode = "rackwise"
+                cfg.validate().to_yaml(Path(args.write_configs) / f"{arm}_rackwise.yaml")
+                n += 1
+        print(f"wrote {n} configurations to {args.write_configs}")
         return 0
     if args.worker:
         shallow = int(args.shallow_depth)
@@ -262,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shallow end-to-end depth with the memory of one stage: {shallow} blocks")
     else:
         shallow = int(args.shallow_depth)
-    rows = _run_all(args, shallow, p)
+    rows, calibration = _run_all(args, shallow, p)
     if "tokens" not in args.budgets:
         rows = [r for r in rows if r["budget"] == "time" or r["arm"] == "e2e_shallow"]
     _print_table(rows)
@@ -278,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokenizer": args.tokenizer,
         "shallow_depth": shallow,
         "memory_probe": probe,
+        "time_calibration": calibration,
         "configs": {a: arm_config(a, args.steps, args.tokenizer, shallow).to_dict() for a in ARMS},
         "rows": rows,
     }

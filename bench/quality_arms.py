@@ -4,7 +4,12 @@ d_ff 512, seq 128, batch 16, AdamW 1e-3 with a cosine schedule) and each arm's o
 Every arm is a plain ``stackwise train`` configuration: ``arm_config(name, ...).to_yaml(path)``
 writes one that ``stackwise train --config path`` runs as it is. An end-to-end arm is a rack of
 one stack holding every block, so its one stage trains embeddings, blocks, final norm and head
-together.
+together (``training.progressive.enabled: false`` with ``training.mode: rackwise`` trains the same
+model through the hierarchical trainer; ``--write-configs`` writes both forms).
+
+The diffusion arms (``*diffusion*``, ``prog_diff_*``) train masked diffusion (prepend building,
+bidirectional attention, mask ratios in [0.02, 1]) and are scored by the masked-diffusion ELBO
+bound in bits per byte (``stackwise.run.likelihood``), not by a next-token loss.
 """
 
 from __future__ import annotations
@@ -56,6 +61,21 @@ def _budget(name: str) -> dict:
     return {"training": {"progressive": {"stage_budget": name}}}
 
 
+def _prog_opt(**kw) -> dict:
+    return {"training": {"progressive": kw}}
+
+
+# Masked diffusion: ratios over (0, 1] as the ELBO integrates them; bidirectional attention.
+DIFFUSION = {
+    "model": {"attention_mode": "bidirectional", "tie_embeddings": False},
+    "training": {
+        "time_step_masking": True,
+        "masking": {"min_fraction": 0.02, "max_fraction": 1.0, "schedule": "linear"},
+        "progressive": {"training_objective": "diffusion", "building_mode": "prepend"},
+    },
+}
+COPY_FRONT = _prog(UNTIED, _init("copy"), _budget("front_loaded"))
+
 # name -> (what it is, overrides); "e2e_*" arms are handled by arm_config (one stack).
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "e2e_full": ("end-to-end, 8 blocks", {}),
@@ -79,6 +99,31 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "prog_copy_qlora": (
         "copy init, NF4 trunk with LoRA adapters",
         _prog(UNTIED, _init("copy"), QLORA_TRUNK),
+    ),
+    "prog_copy_front_lr2": (
+        "copy init, front-loaded, stages after the first at twice the learning rate",
+        _prog(COPY_FRONT, _prog_opt(stage_lr_scale=2.0)),
+    ),
+    "prog_copy_front_lr3": (
+        "copy init, front-loaded, stages after the first at three times the learning rate",
+        _prog(COPY_FRONT, _prog_opt(stage_lr_scale=3.0)),
+    ),
+    "prog_copy_front_warmup": (
+        "copy init, front-loaded, each stage warms up over 5% of the run's steps",
+        _prog(COPY_FRONT, {"training": {"optimizer": {"warmup_steps": 0.05}}}),
+    ),
+    "e2e_diffusion": ("end-to-end masked diffusion, 8 blocks, ratio ~ U(0.02, 1)", DIFFUSION),
+    "prog_diff_points": (
+        "prepend diffusion 4x2, one ratio per stage (linear MaskScheduler)",
+        _prog(DIFFUSION, _init("copy")),
+    ),
+    "prog_diff_linear": (
+        "prepend diffusion 4x2, equal-width ratio ranges per stage",
+        _prog(DIFFUSION, _init("copy"), _prog_opt(noise_ranges="linear")),
+    ),
+    "prog_diff_equal_mass": (
+        "prepend diffusion 4x2, ranges of equal ELBO-weight (1/t) mass per stage",
+        _prog(DIFFUSION, _init("copy"), _prog_opt(noise_ranges="equal_mass")),
     ),
 }
 
@@ -131,8 +176,9 @@ def arm_config(name: str, steps: int, tokenizer: str = "bytes", shallow_depth: i
     if name not in ARMS:
         raise KeyError(f"unknown arm {name!r}; arms: {list(ARMS)}")
     raw = base_dict(steps, tokenizer)
+    raw = _merge(raw, ARMS[name][1])
     if name.startswith("e2e"):
-        depth = FULL_DEPTH if name == "e2e_full" else shallow_depth
+        depth = shallow_depth if name == "e2e_shallow" else FULL_DEPTH
         raw = _merge(
             raw,
             {
@@ -143,11 +189,14 @@ def arm_config(name: str, steps: int, tokenizer: str = "bytes", shallow_depth: i
                 "training": {"progressive": {"target_stacks": 1}},
             },
         )
-    else:
-        raw = _merge(raw, ARMS[name][1])
-        prog = raw["training"]["progressive"]
-        if isinstance(prog.get("consolidation_steps"), float):
-            prog["consolidation_steps"] = max(1, int(steps * prog["consolidation_steps"]))
+        if name == "e2e_diffusion":  # one stage: a ratio per sample over the whole range
+            raw["training"]["progressive"]["noise_ranges"] = "linear"
+    prog = raw["training"]["progressive"]
+    if isinstance(prog.get("consolidation_steps"), float):
+        prog["consolidation_steps"] = max(1, int(steps * prog["consolidation_steps"]))
+    opt = raw["training"]["optimizer"]
+    if isinstance(opt.get("warmup_steps"), float):  # a share of the run's steps
+        opt["warmup_steps"] = max(1, int(steps * opt["warmup_steps"]))
     return StackWiseConfig.from_dict(raw).validate()
 
 

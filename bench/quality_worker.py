@@ -10,6 +10,9 @@ storage precision), gradients of the trainable parameters, the optimizer's state
 largest set of tensors autograd saved for one backward pass (distinct storages that are not
 parameters, seen by ``saved_tensors_hooks``). Host side: what the activation cache holds in
 memory and on disk after the stage's fill.
+
+Score: held-out next-token bits per byte; for diffusion arms, the masked-diffusion ELBO bound in
+bits per byte over the same windows (``stackwise.run.likelihood``), after every stage.
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ def _nbytes(tensors) -> int:
 class Meter:
     """Callbacks and a saved-tensor counter for one run."""
 
-    def __init__(self, trainer, to_bpb) -> None:
+    def __init__(self, trainer, to_bpb, elbo_bpb=None) -> None:
         self.trainer = trainer
         self.to_bpb = to_bpb
+        self.elbo_bpb = elbo_bpb  # diffusion arms: rack -> ELBO bound in bits per byte
         self.train_s = 0.0
         self.curve: list[dict] = []
         self.stages: list[dict] = []
@@ -104,6 +108,8 @@ class Meter:
         self.train_s += info["step_ms"] / 1e3
 
     def on_eval(self, info: dict) -> None:
+        if self.elbo_bpb is not None:
+            return  # the masked loss at the stage's ratio is no likelihood; see on_stage_end
         self.curve.append(
             {
                 "global_step": info["global_step"],
@@ -134,6 +140,15 @@ class Meter:
         row["accel_bytes"] = (
             params + row["grad_bytes"] + row["optimizer_bytes"] + row["saved_activation_bytes"]
         )
+        if self.elbo_bpb is not None:
+            row["elbo_bpb"] = self.elbo_bpb(rack)
+            self.curve.append(
+                {
+                    "global_step": self.trainer.global_step + record["steps"],
+                    "train_s": self.train_s,
+                    "eval_bpb": row["elbo_bpb"],
+                }
+            )
         self.stages.append(row)
 
     def pack(self, seen: dict):
@@ -166,6 +181,29 @@ def run_arm(name: str, steps: int, args, shallow: int, eval_every: int) -> dict[
     def to_bpb(loss: float) -> float:
         return loss * tokens_per_byte / math.log(2)
 
+    elbo_bpb = None
+    if cfg.training.progressive.training_objective == "diffusion":
+        from stackwise.run.evaluate import special_ids
+        from stackwise.run.likelihood import bits_per_byte, diffusion_nll_bound_nats
+
+        windows = [(b["input_ids"], torch.as_tensor(b["sample_id"])) for b in held_out]
+        ids = torch.cat([w for w, _ in windows]).reshape(-1).numpy()
+        n_bytes = text_bytes(tok, ids)  # a masked rack predicts the windows' own tokens
+
+        def elbo_bpb(rack) -> float:
+            was = rack.training
+            rack.eval()
+            nats = diffusion_nll_bound_nats(
+                rack,
+                windows,
+                seed=cfg.training.seed,
+                mask_token_id=tok.mask_token_id,
+                special_ids=special_ids(tok),
+                device=torch.device("cpu"),
+            )
+            rack.train(was)
+            return bits_per_byte(nats, n_bytes)
+
     meter: Meter | None = None
 
     build = loop.build_optimizer
@@ -191,13 +229,14 @@ def run_arm(name: str, steps: int, args, shallow: int, eval_every: int) -> dict[
         return loss
 
     trainer.step.loss = metered_loss
-    meter = Meter(trainer, to_bpb)
+    meter = Meter(trainer, to_bpb, elbo_bpb)
     trainer.callbacks = [meter]
     accum = cfg.training.optimizer.grad_accumulation
     order = GlobalOrder(train, lambda: trainer.global_step * accum)
     res = trainer.train_rack(builder, order, eval_loader=held_out)
     for row, h in zip(meter.stages, res["history"], strict=True):
-        row["eval_bpb"] = to_bpb(h["eval_loss"])
+        row["eval_loss"] = h["eval_loss"]
+        row["eval_bpb"] = row.get("elbo_bpb", to_bpb(h["eval_loss"]))
     return {
         "arm": name,
         "steps": sum(h["steps"] for h in res["history"]),

@@ -1,6 +1,6 @@
 """The ``stackwise`` command (also ``python -m stackwise``).
 
-    stackwise train --config FILE [key.sub=value ...] [--run-dir DIR] [--resume | --overwrite]
+    stackwise train --config FILE|NAME [key.sub=value ...] [--run-dir DIR] [--resume | --overwrite]
     stackwise eval --run-dir DIR [--split val|train]
     stackwise generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
                        [--top-k K] [--top-p P] [--seed S] [--sampler ar|depth|diffusion]
@@ -9,6 +9,7 @@
     stackwise info [--json]
     stackwise plan --config FILE [--device-memory 80GB] [--end-to-end] [--json] [key=value ...]
     stackwise config show|validate FILE [key=value ...]
+    stackwise config list
     stackwise config reference [--update docs/configuration.md]
 
 Every command has --help. An error prints one line (``stackwise: error: ...``), naming the log
@@ -54,10 +55,18 @@ def _config_command(args: argparse.Namespace) -> int:
             sys.stdout.write(config_reference())
         return 0
     from stackwise.config.base import StackWiseConfig
+    from stackwise.config.library import describe, library_configs, library_dir, resolve_config
 
+    if args.action == "list":
+        shipped = library_configs()
+        width = max(len(name) for name in shipped)
+        print(f"shipped configurations ({library_dir()}); stackwise train --config NAME")
+        for name, path in shipped.items():
+            print(f"  {name:<{width}}  {describe(path)}")
+        return 0
     if args.file is None:
         raise _UsageError(f"config {args.action} needs a FILE")
-    config = StackWiseConfig.from_yaml(args.file, overrides=args.overrides)
+    config = StackWiseConfig.from_yaml(resolve_config(args.file), overrides=args.overrides)
     config.validate()
     if args.action == "show":
         sys.stdout.write(config.to_yaml())
@@ -72,7 +81,9 @@ def _plan_command(args: argparse.Namespace) -> int:
 
     if args.config is None:
         raise _UsageError("plan needs --config FILE")
-    config = StackWiseConfig.from_yaml(args.config, overrides=args.overrides)
+    from stackwise.config.library import resolve_config
+
+    config = StackWiseConfig.from_yaml(resolve_config(args.config), overrides=args.overrides)
     config.validate()
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     plan = plan_run(config, memory, end_to_end=args.end_to_end)
@@ -100,10 +111,15 @@ def _train_command(args: argparse.Namespace) -> int:
     def _stop(signum, frame):  # a terminated run is recorded like an interrupted one
         raise KeyboardInterrupt
 
+    config = args.config
+    if config is not None:
+        from stackwise.config.library import resolve_config
+
+        config = str(resolve_config(config))
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         train_run(
-            args.config,
+            config,
             overrides,
             args.run_dir,
             resume=args.resume,
@@ -302,7 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a rack stack by stack. Writes config.yaml, metrics.jsonl, train.log, "
         "checkpoints/, rack/, plots/ and summary.{json,md} into the run directory.",
     )
-    train.add_argument("--config", metavar="FILE", help="YAML configuration (see configs/)")
+    train.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML configuration, or a shipped one by name (stackwise config list)",
+    )
     _add_overrides(train)
     train.add_argument(
         "--run-dir", metavar="DIR", help="run directory (default runs/<config stem>)"
@@ -402,7 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and without activation checkpointing), the activation cache's host/disk footprint, and "
         "whether the stage fits in --device-memory.",
     )
-    plan.add_argument("--config", metavar="FILE", help="YAML configuration (see configs/)")
+    plan.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML configuration, or a shipped one by name (stackwise config list)",
+    )
     _add_overrides(plan)
     plan.add_argument(
         "--device-memory", metavar="SIZE", help="accelerator memory, e.g. 80GB (GB means GiB)"
@@ -419,10 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser(
         "config",
-        help="show or validate a configuration file; print the configuration reference",
+        help="show or validate a configuration file; list the shipped ones; print the reference",
     )
-    cfg.add_argument("action", choices=["show", "validate", "reference"])
-    cfg.add_argument("file", nargs="?", help="YAML configuration (show, validate)")
+    cfg.add_argument("action", choices=["show", "validate", "reference", "list"])
+    cfg.add_argument(
+        "file", nargs="?", help="YAML configuration or a shipped one's name (show, validate)"
+    )
     _add_overrides(cfg)
     cfg.add_argument(
         "--update", metavar="FILE", help="reference: rewrite the generated section of this file"

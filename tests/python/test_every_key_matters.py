@@ -117,7 +117,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["training.optimizer.name=sgd"],
         ["training.optimizer.momentum=0.0"],
     ),
-    "training.optimizer.warmup_steps": ([], ["training.optimizer.warmup_steps=2"]),
+    # 1 step of warmup fits the stages of 2 steps (a warmup as long as a stage is shortened).
+    "training.optimizer.warmup_steps": ([], ["training.optimizer.warmup_steps=1"]),
     "training.optimizer.schedule": (STEPS3, ["training.optimizer.schedule=linear"]),
     "training.optimizer.min_lr_ratio": ([], ["training.optimizer.min_lr_ratio=0.9"]),
     "training.optimizer.grad_clip": ([], ["training.optimizer.grad_clip=0.001"]),
@@ -156,6 +157,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["training.progressive.steps_per_stack=null", "training.max_steps=6"],
         ["training.progressive.stage_budget=front_loaded"],
     ),
+    "training.progressive.stage_lr_scale": ([], ["training.progressive.stage_lr_scale=2.0"]),
+    "training.progressive.noise_ranges": (DIFF, ["training.progressive.noise_ranges=linear"]),
     "training.qlora.rank": (QLORA, ["training.qlora.rank=2"]),
     "training.qlora.alpha": (QLORA, ["training.qlora.alpha=1.0"]),
     "training.qlora.dropout": (QLORA, ["training.qlora.dropout=0.5"]),

@@ -153,6 +153,8 @@ class ProgressiveConfig:
     stage_budget: str = choice("uniform", ("uniform", "front_loaded", "back_loaded"))
     consolidation_steps: int = 0
     trunk_checkpointing: bool = False
+    stage_lr_scale: float = 1.0
+    noise_ranges: str = choice("none", ("none", "linear", "equal_mass"))
 
 
 @dataclass

@@ -194,11 +194,8 @@ def _check_training(c: _Checker, t, model) -> None:
     c.non_negative("training.optimizer.grad_clip", o.grad_clip)
     c.fraction("training.optimizer.min_lr_ratio", o.min_lr_ratio)
     c.positive("training.optimizer.grad_accumulation", o.grad_accumulation)
-    if o.warmup_steps > t.max_steps > 0:
-        c.fail(
-            "training.optimizer.warmup_steps",
-            f"{o.warmup_steps} exceeds training.max_steps={t.max_steps}",
-        )
+    # A warmup longer than a stage is not refused: each stage shortens it (training/optim.py,
+    # effective_warmup) and `stackwise train` says so, so smoke runs of any config just work.
     p = t.progressive
     c.positive("training.progressive.target_stacks", p.target_stacks)
     c.positive("training.progressive.epochs_per_stack", p.epochs_per_stack)
@@ -217,6 +214,19 @@ def _check_training(c: _Checker, t, model) -> None:
         )
     if p.steps_per_stack is not None:
         c.positive("training.progressive.steps_per_stack", p.steps_per_stack)
+    c.positive("training.progressive.stage_lr_scale", p.stage_lr_scale)
+    if p.noise_ranges != "none" and p.training_objective == "clm":
+        c.fail(
+            "training.progressive.noise_ranges",
+            f"{p.noise_ranges!r} gives each stage a range of mask ratios: use the 'diffusion' "
+            "or 'mlm' objective, or noise_ranges 'none'",
+        )
+    if p.noise_ranges == "equal_mass" and t.masking.min_fraction <= 0.0:
+        c.fail(
+            "training.progressive.noise_ranges",
+            "'equal_mass' splits [min_fraction, max_fraction] by equal mass of 1/t: "
+            "training.masking.min_fraction must be > 0",
+        )
     if p.time_interpretation == "input" and p.training_objective == "clm":
         c.fail(
             "training.progressive.time_interpretation",

@@ -1,5 +1,5 @@
-"""``metrics.jsonl``: one JSON object per line, each with a ``type``; and TensorBoard events when
-tensorboardX is importable.
+"""``metrics.jsonl``: one JSON object per line, each with a ``type``; and the same scalars as
+TensorBoard events (``torch.utils.tensorboard``; ``tensorboard`` is a requirement).
 
 Record types and their keys (every record also has ``time``, seconds since the Unix epoch):
 
@@ -18,6 +18,12 @@ Record types and their keys (every record also has ``time``, seconds since the U
 
 Losses are mean cross entropy in nats per predicted token. :data:`SCHEMA` lists the keys and
 :func:`check_record` validates a record against it.
+
+TensorBoard scalars (:data:`TENSORBOARD_TAGS`), each at its record's ``global_step``:
+``train/loss``, ``train/lr``, ``train/tokens_per_s`` (``step``), ``val/loss`` (``eval``),
+``stage/peak_memory_mb``, ``stage/tokens_per_s`` (``stage_end``) and ``final/val_loss``,
+``final/perplexity``, ``final/bits_per_byte`` (``final``, at the last global step; a null figure
+is not written).
 """
 
 from __future__ import annotations
@@ -80,6 +86,22 @@ SCHEMA: dict[str, tuple[str, ...]] = {
         "wall_s",
     ),
 }
+
+
+TENSORBOARD_TAGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "step": (("train/loss", "loss"), ("train/lr", "lr"), ("train/tokens_per_s", "tokens_per_s")),
+    "eval": (("val/loss", "eval_loss"),),
+    "stage_end": (
+        ("stage/peak_memory_mb", "peak_memory_bytes"),
+        ("stage/tokens_per_s", "tokens_per_s"),
+    ),
+    "final": (
+        ("final/val_loss", "val_loss"),
+        ("final/perplexity", "perplexity"),
+        ("final/bits_per_byte", "bits_per_byte"),
+    ),
+}
+"""TensorBoard tag and ``metrics.jsonl`` key of every scalar mirrored, by record type."""
 
 
 def check_record(record: dict[str, Any]) -> None:
@@ -159,21 +181,25 @@ def seal_tail(path: str | os.PathLike[str]) -> bool:
 
 class MetricsWriter:
     """Appends records to ``metrics.jsonl`` (flushed per record, so a crash loses at most the
-    line being written) and mirrors scalars to TensorBoard when tensorboardX is importable."""
+    line being written) and, with ``tensorboard_dir``, mirrors their scalars to TensorBoard
+    events there (flushed per record)."""
 
     def __init__(self, path: str | os.PathLike[str], tensorboard_dir: str | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        seal_tail(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard_dir is not None:
             try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self._tb = SummaryWriter(str(tensorboard_dir))
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # a requirement: a broken environment, said plainly
+                raise TrainingError(
+                    "TensorBoard events need the tensorboard package, a requirement of "
+                    "stackwise (pip install -r requirements.txt): " + str(exc)
+                ) from exc
+            self._tb = SummaryWriter(str(tensorboard_dir))
+        seal_tail(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._last_step = 0
 
     @property
     def tensorboard(self) -> bool:
@@ -190,15 +216,16 @@ class MetricsWriter:
         return record
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
-        kind, step = record["type"], record.get("global_step")
-        if kind == "step":
-            for key in ("loss", "lr", "tokens_per_s"):
-                self._tb.add_scalar(f"train/{key}", record[key], step)
-        elif kind == "eval" and record["eval_loss"] is not None:
-            self._tb.add_scalar("val/loss", record["eval_loss"], step)
-        elif kind == "stage_end":
-            self._tb.add_scalar("stage/peak_memory_mb", record["peak_memory_bytes"] / 2**20, step)
-            self._tb.add_scalar("stage/tokens_per_s", record["tokens_per_s"], step)
+        kind = record["type"]
+        step = record.get("global_step", self._last_step)
+        self._last_step = step
+        for tag, key in TENSORBOARD_TAGS.get(kind, ()):
+            value = record[key]
+            if value is None:
+                continue
+            if key == "peak_memory_bytes":
+                value = value / 2**20
+            self._tb.add_scalar(tag, value, step, walltime=record["time"])
         self._tb.flush()
 
     def close(self) -> None:

@@ -110,6 +110,7 @@ class ProgressCallback:
         self._bar = None
         self._stage: dict[str, Any] = {}
         self._t_stage = time.perf_counter()
+        self._warmup_said = False
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -137,6 +138,7 @@ class ProgressCallback:
     def on_stage_start(self, info: dict[str, Any]) -> None:
         self._stage = dict(info)
         self._t_stage = time.perf_counter()
+        self._say_warmup(info)
         ratio = f", mask ratio {info['mask_ratio']:.2f}" if info["mask_ratio"] else ""
         self.line(
             f"[{self._tag(info['stage'])}] training stack at position {info['stack_index']} "
@@ -159,6 +161,20 @@ class ProgressCallback:
                 dynamic_ncols=True,
                 leave=True,
             )
+
+    def _say_warmup(self, info: dict[str, Any]) -> None:
+        """One line, the first time a stage shortens the configured warmup
+        (:func:`stackwise.training.optim.effective_warmup`): what it was, what it became, why."""
+        configured = info.get("warmup_steps_configured", 0)
+        used = info.get("warmup_steps", configured)
+        if self._warmup_said or used == configured:
+            return
+        self._warmup_said = True
+        self.line(
+            f"warmup: training.optimizer.warmup_steps={configured} is not shorter than this "
+            f"stage's {info['steps']} steps, so the learning rate would never reach its peak; "
+            f"shortened to {used} (a tenth of the stage's steps) in every stage it does not fit"
+        )
 
     def _eta(self, info: dict[str, Any]) -> tuple[float, float]:
         elapsed = time.perf_counter() - self._t_stage

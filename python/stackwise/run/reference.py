@@ -94,7 +94,10 @@ DESCRIPTIONS: dict[str, str] = {
     "training.optimizer.eps": "Adam epsilon",
     "training.optimizer.weight_decay": "decoupled weight decay",
     "training.optimizer.momentum": "SGD momentum",
-    "training.optimizer.warmup_steps": "linear warmup steps at the start of each stage",
+    "training.optimizer.warmup_steps": (
+        "linear warmup steps at the start of each stage; a stage with no more steps than this "
+        "warms up for a tenth of its steps instead (stackwise train prints it)"
+    ),
     "training.optimizer.schedule": "learning-rate decay after warmup, per stage",
     "training.optimizer.min_lr_ratio": "final learning rate as a share of the peak",
     "training.optimizer.grad_clip": "global gradient-norm clip (0: off)",
@@ -126,6 +129,14 @@ DESCRIPTIONS: dict[str, str] = {
     "training.progressive.stage_budget": (
         "split of max_steps over the stages: uniform, front_loaded (stage k of n gets n - k "
         "shares) or back_loaded (k + 1 shares)"
+    ),
+    "training.progressive.stage_lr_scale": (
+        "learning-rate factor of every stage after the first (the new stack and the head)"
+    ),
+    "training.progressive.noise_ranges": (
+        "mask ratios of a stage (mlm/diffusion): none (one ratio from training.masking), "
+        "linear (equal-width ranges of [min_fraction, max_fraction], a ratio per sample) or "
+        "equal_mass (ranges of equal mass of the ELBO weight 1/t)"
     ),
     "training.qlora.rank": "LoRA rank of trunk adapters",
     "training.qlora.alpha": "LoRA scale numerator (scale = alpha / rank)",

@@ -5,7 +5,7 @@
       run.json           tokenizer, corpus, command line, status (running / finished / failed)
       metrics.jsonl      one JSON object per logged step, evaluation and stage (run/metrics.py)
       train.log          the plain progress lines, and the traceback of a failure
-      tensorboard/       TensorBoard events (only when tensorboardX is importable)
+      tensorboard/       TensorBoard events (the scalars of metrics.jsonl)
       checkpoints/       stage checkpoints (training/checkpoint.py), for --resume
       rack/              the final rack (model.safetensors, config.yaml, manifest.json)
       plots/loss.png     train and validation loss over global steps, stage boundaries marked

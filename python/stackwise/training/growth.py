@@ -15,6 +15,17 @@ are split over the stages. The progressive trainer calls these two functions; th
   is split over the planned stages when ``steps_per_stack`` is not set: ``uniform`` (equal
   shares), ``front_loaded`` (stage k of n gets a share proportional to n - k: the stage that
   trains the embeddings gets the most) or ``back_loaded`` (proportional to k + 1).
+- ``training.progressive.noise_ranges`` (:func:`stage_noise_range`, mlm/diffusion objectives):
+  ``none`` (each stage masks at one ratio of the ``training.masking`` schedule), or each stage
+  gets its own range of mask ratios, one ratio drawn per sample (as DiffusionBlocks gives each
+  block its own noise range): ``linear`` splits [min_fraction, max_fraction] into equal-width
+  ranges, ``equal_mass`` into ranges of equal mass of 1/t, the weight of noise level t in the
+  masked-diffusion ELBO (geometric edges: more, narrower ranges at low noise, where the weight
+  is large). Stage k gets the k-th range from the low end, as the point schedule gives stage k
+  its k-th ratio (prepend: the newest, leftmost stack denoises the most).
+- ``training.progressive.stage_lr_scale``: the learning rate of the new stack and the head in
+  every stage after the first is ``learning_rate`` times this factor (a single stack over a
+  frozen, cached trunk is a shallow network that takes a larger step).
 """
 
 from __future__ import annotations
@@ -83,6 +94,28 @@ def init_new_stack(builder, new_idx: int, mode: str) -> None:
         ) from exc
 
 
+def stage_noise_range(lo: float, hi: float, mode: str, stage: int, plan: int) -> tuple:
+    """The mask-ratio range ``(a, b)`` of ``stage`` of ``plan`` under ``noise_ranges`` ``mode``
+    (``linear`` or ``equal_mass``, module docstring) within [lo, hi]."""
+    if not 0 <= stage < plan:
+        raise TrainingError(f"stage {stage} is outside the plan of {plan} stages")
+    if mode == "linear":
+        edges = [lo + (hi - lo) * k / plan for k in range(plan + 1)]
+    elif mode == "equal_mass":
+        if lo <= 0.0:
+            raise ConfigurationError(
+                "'equal_mass' needs training.masking.min_fraction > 0 (1/t has infinite mass at 0)",
+                "training.progressive.noise_ranges",
+            )
+        edges = [lo * (hi / lo) ** (k / plan) for k in range(plan + 1)]
+    else:
+        raise ConfigurationError(
+            f"{mode!r} names no range split: use 'linear' or 'equal_mass'",
+            "training.progressive.noise_ranges",
+        )
+    return (float(edges[stage]), float(edges[stage + 1]))
+
+
 def stage_weights(plan: int, budget: str) -> list[int]:
     """Relative step shares of the ``plan`` stages under ``budget``."""
     if budget == "uniform":
@@ -111,6 +144,7 @@ __all__ = [
     "NEW_STACK_INITS",
     "STAGE_BUDGETS",
     "init_new_stack",
+    "stage_noise_range",
     "stage_steps_share",
     "stage_weights",
 ]

@@ -45,7 +45,12 @@ from torch import Tensor, nn
 from stackwise.exceptions import ModelError, TrainingError
 from stackwise.training.batches import CachedSource, LoaderSource, loader_generator
 from stackwise.training.checkpoint import ResumeState, StageProgress, restore_rng_state
-from stackwise.training.optim import build_optimizer, clip_gradients, lr_lambda
+from stackwise.training.optim import (
+    build_optimizer,
+    clip_gradients,
+    effective_warmup,
+    lr_lambda,
+)
 from stackwise.training.parallel import DataParallel
 from stackwise.training.step import BatchStep, MicroBatch
 from stackwise.training.strategies.caching import CacheManager
@@ -117,7 +122,7 @@ class Unit:
     end: int
     groups: list[dict] | torch.optim.Optimizer
     steps: int
-    ratio: float = 0.0
+    ratio: float | tuple[float, float] = 0.0
     cached: bool = False
     identity: dict[str, Any] = field(default_factory=dict)
     index: int = 0
@@ -269,6 +274,8 @@ class TrainLoop:
                 },
                 "cache_fill_s": cache_time,
                 "start_step": start,
+                "warmup_steps": effective_warmup(cfg.optimizer.warmup_steps, steps),
+                "warmup_steps_configured": cfg.optimizer.warmup_steps,
             },
         )
         eval_every = cfg.eval_every if eval_loader is not None else 0

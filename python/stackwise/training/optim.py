@@ -32,9 +32,22 @@ def build_optimizer(groups: list[dict], opt_cfg) -> torch.optim.Optimizer:
     raise TrainingError(f"unknown optimizer {name!r}")
 
 
+def effective_warmup(warmup: int, steps: int) -> int:
+    """Warmup steps of a stage (or unit) of ``steps`` optimizer steps: ``warmup`` when it ends
+    inside the stage; otherwise the learning rate would never reach its peak, so the warmup is
+    shortened to a tenth of the stage's steps (0 below 10 steps). A smoke run
+    (``training.max_steps=4``) of a configuration with a long warmup therefore runs; the
+    trainers report the change in their stage-start event (``warmup_steps``,
+    ``warmup_steps_configured``) and ``stackwise train`` prints it."""
+    if warmup < steps:
+        return warmup
+    return max(0, steps) // 10
+
+
 def lr_lambda(opt_cfg, total_steps: int):
-    """Multiplier of the peak learning rate at a step: warmup, then the configured decay."""
-    warmup = opt_cfg.warmup_steps
+    """Multiplier of the peak learning rate at a step: warmup (:func:`effective_warmup`), then
+    the configured decay."""
+    warmup = effective_warmup(opt_cfg.warmup_steps, total_steps)
     floor = opt_cfg.min_lr_ratio
 
     def f(step: int) -> float:

@@ -59,7 +59,7 @@ from stackwise.training.checkpoint import (
 )
 from stackwise.training.consolidation import consolidate, set_trunk_recompute
 from stackwise.training.distributed import DistributedContext, active_context
-from stackwise.training.growth import init_new_stack, stage_steps_share
+from stackwise.training.growth import init_new_stack, stage_noise_range, stage_steps_share
 from stackwise.training.loop import (
     TrainLoop,
     Unit,
@@ -155,10 +155,15 @@ class ProgressiveTrainer:
             return
         np.random.seed(self.seed % 2**32)
 
-    def stage_ratio(self, stage: int, target: int) -> float:
+    def stage_ratio(self, stage: int, target: int) -> float | tuple[float, float]:
         """Mask ratio of the stack trained at ``stage`` in a rack of ``target`` stacks (with
-        ``time_interpretation: input``, the mean of the per-sample noise levels)."""
+        ``time_interpretation: input``, the mean of the per-sample noise levels); with
+        ``noise_ranges``, the stage's range ``(lo, hi)`` (a ratio per sample drawn in it)."""
         m = self.training.masking
+        if self.progressive.noise_ranges != "none":
+            return stage_noise_range(
+                m.min_fraction, m.max_fraction, self.progressive.noise_ranges, stage, target
+            )
         if self.input_time:
             return 0.5 * (m.min_fraction + m.max_fraction)
         if not self.training.time_step_masking:
@@ -267,7 +272,11 @@ class ProgressiveTrainer:
             "stack_index": new_idx,
             "n_stacks": len(rack.stacks),
             "target_stacks": plan,
-            "mask_ratio": ratio if self.progressive.training_objective != "clm" else 0.0,
+            "mask_ratio": (
+                0.0 if self.progressive.training_objective == "clm" else sum(ratio) / len(ratio)
+            )
+            if isinstance(ratio, tuple)
+            else (ratio if self.progressive.training_objective != "clm" else 0.0),
         }
         unit = Unit(
             label=f"stage {stage} (stack {new_idx})",
@@ -387,7 +396,7 @@ class ProgressiveTrainer:
             p.requires_grad_(first)
         head_trains = append or first
         head_params = head_parameters(rack, head_trains)
-        lr = cfg.learning_rate
+        lr = cfg.learning_rate * (1.0 if first else prog.stage_lr_scale)
         groups = [
             {
                 "name": "current_stack",

@@ -153,13 +153,17 @@ class BatchStep:
         return parse_batch(batch, batch_idx, m.vocab_size, m.max_seq_len)
 
     def corrupt(
-        self, parsed: dict[str, Tensor | None], ratio: float
+        self, parsed: dict[str, Tensor | None], ratio: float | tuple[float, float]
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(inputs, labels, t)`` for the objective at mask ratio ``ratio``; ``t`` is the
         per-sample noise level [B] with ``time_interpretation: input`` (it replaces
-        ``ratio``), else None."""
+        ``ratio``), else None. A ``(lo, hi)`` ratio draws each sample's ratio in that range
+        (``training.progressive.noise_ranges``; it is also ``t`` with an ``input`` time)."""
         t = None
-        if self.input_time:
+        if isinstance(ratio, tuple):  # a range: one ratio per sample drawn in it
+            ratio = sample_noise_levels(parsed["sample_id"], self.seed, *ratio)
+            t = ratio if self.input_time else None
+        elif self.input_time:
             t = sample_noise_levels(
                 parsed["sample_id"], self.seed, self.masking.min_fraction, self.masking.max_fraction
             )
@@ -176,7 +180,7 @@ class BatchStep:
         )
         return inputs, labels, t
 
-    def micro_batch(self, item: tuple[int, Any], ratio: float) -> MicroBatch:
+    def micro_batch(self, item: tuple[int, Any], ratio: float | tuple[float, float]) -> MicroBatch:
         """``(batch_idx, batch)`` from a loader, parsed and corrupted, on the device."""
         batch_idx, batch = item
         parsed = self.parse(batch, batch_idx)
@@ -212,7 +216,7 @@ class BatchStep:
         modules: Sequence[nn.Module],
         boundary: int,
         dataloader,
-        ratio: float,
+        ratio: float | tuple[float, float],
         limit: int,
     ) -> list[int]:
         """Store boundary ``boundary`` of the first ``limit`` batches of ``dataloader`` (the
@@ -265,7 +269,7 @@ class BatchStep:
         model: nn.Module,
         modules: Sequence[nn.Module],
         loader,
-        ratio: float,
+        ratio: float | tuple[float, float],
         max_batches: int = 50,
     ) -> float:
         """Mean loss per target token of the whole model on the first ``max_batches`` batches of

@@ -280,11 +280,6 @@ BAD = [
         "is not one of",
     ),
     (
-        {"training": {"optimizer": {"warmup_steps": 2000}}},
-        "training.optimizer.warmup_steps",
-        "exceeds training.max_steps=1000",
-    ),
-    (
         {"training": {"progressive": {"building_mode": "insert"}}},
         "training.progressive.building_mode",
         "is not one of",

@@ -69,6 +69,37 @@ def test_metrics_jsonl_schema(trained_run):
         check_record({"type": "nope", "time": 0.0})
 
 
+def test_tensorboard_events_hold_the_metrics(trained_run):
+    """`stackwise train` always writes TensorBoard events; read back with TensorBoard's own
+    reader they hold the loss curve of metrics.jsonl: same tags, steps and values (float32)."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stackwise.run.metrics import TENSORBOARD_TAGS
+
+    _, run = trained_run
+    assert json.loads((run / "run.json").read_text())["tensorboard"] is True
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    expected_tags = {tag for tags in TENSORBOARD_TAGS.values() for tag, _ in tags}
+    assert set(acc.Tags()["scalars"]) == expected_tags
+    records = read_metrics(run / "metrics.jsonl")
+    for kind, tags in TENSORBOARD_TAGS.items():
+        of_kind = [r for r in records if r["type"] == kind]
+        assert of_kind, kind
+        for tag, key in tags:
+            events = acc.Scalars(tag)
+            want = [r[key] / 2**20 if key == "peak_memory_bytes" else r[key] for r in of_kind]
+            assert [e.value for e in events] == [float(np.float32(v)) for v in want], tag
+            if kind != "final":
+                assert [e.step for e in events] == [r["global_step"] for r in of_kind], tag
+    loss = acc.Scalars("train/loss")
+    steps = [r for r in records if r["type"] == "step"]
+    assert len(loss) == len(steps) >= 4  # the loss curve: every logged step of both stages
+    assert acc.Scalars("final/val_loss")[0].step == steps[-1]["global_step"]
+
+
 def test_plots_are_valid_pngs(trained_run):
     import matplotlib
 

@@ -130,8 +130,8 @@ def test_logged_lr_is_the_rate_the_step_used():
     # Before: the lr was read after the scheduler step, i.e. the next step's.
     config = _config(learning_rate=1e-2, optimizer={"warmup_steps": 4, "weight_decay": 0.0})
     rec = _Steps()
-    Trainer(config, callbacks=[rec]).train_rack(None, _data(), max_steps=3)
-    assert [s["lr"] for s in rec.steps] == pytest.approx([2.5e-3, 5e-3, 7.5e-3])
+    Trainer(config, callbacks=[rec]).train_rack(None, _data(), max_steps=5)
+    assert [s["lr"] for s in rec.steps] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2])
 
 
 def test_cached_and_recomputed_prefix_agree_with_dropout():
