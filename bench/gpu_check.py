@@ -13,7 +13,8 @@ rest; each is recorded with its status, wall time and output tail):
    and every test parametrized on the cuda device), with a JUnit XML for the counts;
 5. ``bench``: ``bench/gpu_report.py`` (attention against SDPA's flash backend at B*S = 16k,
    hidden 2048, head dims 64/128, causal and not; RMSNorm / RoPE / SwiGLU against the measured
-   copy bandwidth; the matmul and copy ceilings);
+   copy bandwidth; the fused LM head + loss against F.linear + F.cross_entropy, time and
+   peak memory; the matmul and copy ceilings);
 6. ``train/<config>``: ``stackwise train`` on every ``configs/*.yaml`` for 50 steps on the GPU
    (the 70B-shaped rack for its first 2 stages), with its peak memory next to the planner's;
 7. ``memory``: ``bench/gpu_memory.py``: peak memory of progressive training at 2, 4, 8 and 16

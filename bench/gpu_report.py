@@ -10,7 +10,9 @@ What the [F3] targets are judged against, on the machine at hand (H100 in the ta
     forward, half when causal; backward 2.5x forward);
   - RMSNorm, RoPE, SwiGLU forward (bf16, 16k x 2048 activations) against eager PyTorch, as GB/s
     of bytes moved and as a fraction of the measured copy bandwidth;
-  - linear attention forward+backward against the softmax attention of the same shape.
+  - linear attention forward+backward against the softmax attention of the same shape;
+  - the fused LM head + cross entropy (bf16, 16k tokens, d 2048, V 128256) against
+    ``F.linear`` + ``F.cross_entropy``: time and peak memory.
 Writes one JSON with the environment (device name, clocks, torch/CUDA versions) and each row.
 
     python bench/gpu_report.py [--json bench/results/gpu/report.json] [--repeat 20]
@@ -224,6 +226,55 @@ def linear_attention_rows(repeat):
     return rows
 
 
+def linear_cross_entropy_rows(repeat):
+    """The fused LM head + loss (bf16, 16k tokens, d 2048, V 128256: a Llama-3-sized head)
+    against ``F.cross_entropy(F.linear(h, w).float(), y)``, forward+backward: time and peak
+    memory above the inputs (torch.cuda.max_memory_allocated)."""
+    rows = []
+    n, d, v = 16384, 2048, 128256
+    g = torch.Generator(device="cuda").manual_seed(2)
+    h = torch.randn(n, d, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(v, d, device="cuda", generator=g) * d**-0.5).bfloat16().requires_grad_()
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+
+    def ours():
+        loss = stackwise.ops.linear_cross_entropy(h, w, y)
+        torch.autograd.grad(loss, (h, w))
+
+    def base():
+        loss = F.cross_entropy(F.linear(h, w).float(), y)
+        torch.autograd.grad(loss, (h, w))
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
+
+    t_ours, t_base = compare(ours, base, "cuda", repeat=repeat)
+    m_ours, m_base = peak(ours), peak(base)
+    rows.append(
+        {
+            "op": "linear_cross_entropy",
+            "phase": "fwd+bwd",
+            "N": n,
+            "d": d,
+            "V": v,
+            "dtype": "bf16",
+            "stackwise_ms": t_ours.median_ms,
+            "eager_ms": t_base.median_ms,
+            "speedup": t_base.median_ms / t_ours.median_ms,
+            "stackwise_peak_mib": m_ours,
+            "eager_peak_mib": m_base,
+            "memory_ratio": m_ours / m_base,
+        }
+    )
+    print(json.dumps(rows[-1]))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="bench/results/gpu/report.json")
@@ -242,6 +293,7 @@ def main() -> None:
         "memory_bound": memory_bound_rows(args.repeat, ceil["copy_d2d_gbps"]),
         "attention": attention_rows(args.repeat),
         "linear_attention": linear_attention_rows(args.repeat),
+        "linear_cross_entropy": linear_cross_entropy_rows(args.repeat),
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

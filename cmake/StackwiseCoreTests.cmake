@@ -1,16 +1,18 @@
-# test_core: the gtests of the torch-free core (checksums, spill format, the cache store, the
-# attention math and dispatch table the CPU and CUDA kernels share), defined once here and used
+# test_core: the gtests of the torch-free core (checksums, spill format, the cache store; the
+# attention and fused-loss math and the attention dispatch table the CPU and CUDA kernels share),
+# defined once here and used
 # by every build that runs them: the normal build (tests/cpp/CMakeLists.txt) and the sanitizer
 # builds (STACKWISE_SANITIZE=address|thread|ops), so a test added to the list runs in all of them.
-# The caller has found GTest and called enable_testing(); `extra` names sources added to the
-# binary (the ASan options file of the ops sanitizer build).
+# The caller has found GTest and called enable_testing(); extra arguments are more sources for
+# the binary.
 set(STACKWISE_CORE_TEST_SOURCES
   test_crc32c.cpp
   test_attention_math.cpp
   test_attention_dispatch.cpp
   test_spill_format.cpp
   test_cache_store_core.cpp
-  test_cache_store_safety.cpp)
+  test_cache_store_safety.cpp
+  test_linear_cross_entropy_math.cpp)
 
 function(stackwise_add_test_core)
   include(GoogleTest)

@@ -59,4 +59,24 @@ TORCH_LIBRARY(stackwise, m) {
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, bool causal, float? scale) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // Linear cross-entropy: per-token CE(hidden [N,d] . weight[V,d]^T + bias[V], labels[N]) with
+  // ignore_index, label smoothing and z-loss, chunked so N x V logits never exist. The forward
+  // gives per-token losses and the first index of each row's maximum; the backward recomputes
+  // the logits per chunk; the fused op returns a mean/sum loss with its gradients. weight_grad=False
+  // (a frozen head) skips the weight/bias gradient GEMM and returns empty [0] tensors for them.
+  m.def(
+      "linear_cross_entropy_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+      "int ignore_index, float label_smoothing, float z_loss) -> (Tensor losses, "
+      "Tensor predictions)");
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_losses, Tensor hidden, Tensor weight, "
+      "Tensor? bias, Tensor labels, int ignore_index, float label_smoothing, float z_loss, "
+      "bool weight_grad) -> "
+      "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "linear_cross_entropy_fused(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+      "int ignore_index, float label_smoothing, float z_loss, str reduction, bool weight_grad) -> "
+      "(Tensor loss, "
+      "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }

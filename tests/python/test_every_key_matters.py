@@ -208,6 +208,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
 }
 # Keys whose change shows only where a tiny run cannot go; each names the test that shows it.
 ELSEWHERE = {
+    "training.eval_max_tokens": "the final evaluation only: test_eval_distributed.py",
     "model.tokenizer_embedding.family": "a pretrained table (embed_tokens): test_ffn_lexical.py",
     "model.tokenizer_embedding.embedding_option": "loads a pretrained table: test_ffn_lexical.py",
     "model.tokenizer_embedding.path": "the pretrained table's file: test_ffn_lexical.py",

@@ -240,6 +240,7 @@ class TrainingConfig:
     seed: int = 42
     log_every: int = 10
     eval_every: int = 200
+    eval_max_tokens: int | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     qlora: QLoRAConfig = field(default_factory=QLoRAConfig)

@@ -182,6 +182,8 @@ def _check_training(c: _Checker, t, model) -> None:
     for key in ("block_size", "total_blocks", "batch_size", "seq_len", "log_every", "eval_every"):
         c.positive(f"training.{key}", getattr(t, key))
     c.positive("training.learning_rate", t.learning_rate)
+    if t.eval_max_tokens is not None:
+        c.positive("training.eval_max_tokens", t.eval_max_tokens)
     c.non_negative("training.max_steps", t.max_steps)
     if t.seq_len > model.max_seq_len:
         c.fail("training.seq_len", f"{t.seq_len} exceeds model.max_seq_len={model.max_seq_len}")

@@ -34,6 +34,7 @@ from stackwise.exceptions import ModelError, RackLayoutError
 from stackwise.model.attention import RMSNorm
 from stackwise.model.lexical import LexicalKernelManager
 from stackwise.model.mlgka import MLGKALayer
+from stackwise.ops.linear_cross_entropy import linear_cross_entropy
 
 
 def _layer_kwargs(cfg) -> dict:
@@ -207,7 +208,27 @@ class Rack(nn.Module):
         return h
 
     def logits(self, hidden: Tensor) -> Tensor:
+        """Logits [..., vocab] of the last boundary activation (generation; training and
+        evaluation use :meth:`token_loss`, which never forms them in full)."""
         return self.lexical.get_lm_head()(self.final_norm(hidden))
+
+    def head_inputs(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(h, weight, bias)`` of the head for the last boundary activation ``hidden``: ``h``
+        is the final-normed state (through a tied head's projection), logits would be
+        ``h @ weight.T + bias``; a tied head's weight is the embedding table itself."""
+        return self.lexical.head_inputs(self.final_norm(hidden))
+
+    def token_loss(
+        self, hidden: Tensor, labels: Tensor, reduction: str = "mean", ignore_index: int = -100
+    ) -> Tensor:
+        """Cross entropy of the head's logits for ``hidden`` [..., d_model] against ``labels``
+        [...] (``ignore_index`` carries no loss), through the fused native op
+        (:func:`stackwise.ops.linear_cross_entropy`): float32, the ``N x vocab`` logits never
+        exist in full. ``reduction``: "mean" (0 without any label), "sum" or "none"."""
+        h, weight, bias = self.head_inputs(hidden)
+        return linear_cross_entropy(
+            h, weight, labels, bias, ignore_index=ignore_index, reduction=reduction
+        )
 
     def forward(
         self,

@@ -113,11 +113,18 @@ class TiedLMHead(nn.Module):
         """The embedding table itself (same storage)."""
         return self._embedding.table.weight
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def inputs(self, hidden: Tensor) -> tuple[Tensor, Tensor, None]:
+        """``(h, weight, None)`` with logits = ``h @ weight.T``: the hidden state through the
+        projection's transpose, and the table itself (cast to ``h``'s dtype, still in the
+        autograd graph, so a loss computed from them sends its gradient to the table)."""
         proj = self._embedding.projection
         if proj is not None:
             hidden = hidden @ proj.weight.to(hidden.dtype)
-        return F.linear(hidden, self.weight.to(hidden.dtype))
+        return hidden, self.weight.to(hidden.dtype), None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        h, weight, _ = self.inputs(hidden)
+        return F.linear(h, weight)
 
 
 class LexicalKernelManager(nn.Module):
@@ -226,3 +233,15 @@ class LexicalKernelManager(nn.Module):
 
     def get_lm_head(self) -> nn.Module:
         return self.lm_head
+
+    def head_inputs(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(h, weight [V, d], bias [V] | None)`` such that the head's logits are
+        ``h @ weight.T + bias``, in ``hidden``'s dtype: what a fused head-and-loss op takes
+        instead of logits."""
+        head = self.lm_head
+        if isinstance(head, TiedLMHead):
+            return head.inputs(hidden)
+        if not isinstance(head, nn.Linear):
+            raise ModelError(f"the LM head is a {type(head).__name__}, not a linear map")
+        bias = None if head.bias is None else head.bias.to(hidden.dtype)
+        return hidden, head.weight.to(hidden.dtype), bias

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from stackwise.ops.attention import attention
 from stackwise.ops.linear_attention import linear_attention
+from stackwise.ops.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_with_predictions,
+)
 from stackwise.ops.quant import (
     dequantize_fp8,
     dequantize_int8,
@@ -33,6 +37,8 @@ __all__ = [
     "double_dequantize_absmax",
     "double_quantize_absmax",
     "linear_attention",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_predictions",
     "quantize_fp8",
     "quantize_int8",
     "quantize_nf4",

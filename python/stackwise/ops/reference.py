@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -227,3 +228,36 @@ def attention_reference(
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(empty_row, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(empty_row, 0.0)
     return torch.matmul(probs, vf)
+
+
+def linear_cross_entropy_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """``F.linear`` + ``F.cross_entropy`` (+ ``z_loss * logsumexp**2`` per labelled token) in the
+    accumulation dtype, with the N x V logits in memory; a mean over no labelled token is 0."""
+    acc = _acc_dtype(hidden)
+    logits = F.linear(
+        hidden.reshape(labels.numel(), hidden.shape[-1]).to(acc),
+        weight.to(acc),
+        None if bias is None else bias.to(acc),
+    )
+    y = labels.reshape(-1)
+    losses = F.cross_entropy(
+        logits, y, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
+    )
+    keep = y != ignore_index
+    if z_loss:
+        losses = losses + z_loss * torch.logsumexp(logits, -1).square() * keep
+    if reduction == "none":
+        return losses.reshape(labels.shape)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / keep.sum().clamp_min(1)

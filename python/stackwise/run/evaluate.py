@@ -1,7 +1,9 @@
 """Evaluation of a trained run: loss, perplexity, bits per byte, masked-token accuracy, and the
 unigram baseline a model must beat.
 
-- **loss**: mean cross entropy (nats) per predicted token over the split's windows: next tokens
+- **loss**: mean cross entropy (nats) per predicted token over the split's windows (the first
+  ``training.eval_max_tokens`` tokens' worth of them when that is set; ``tokens`` and
+  ``split_tokens`` in the result say how many were scored of how many): next tokens
   for causal racks; for mlm / diffusion racks the masked positions at the mask ratio of the last
   stage trained (``training.masking.max_fraction`` for both building modes), masks drawn from
   the sample ids as in training. A rack with ``time_interpretation: input`` is evaluated as it
@@ -27,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stackwise.exceptions import ConfigurationError, RackLayoutError, TrainingError
 from stackwise.run.rundir import RunDirectory
@@ -181,7 +182,23 @@ def _eval_inputs(run: LoadedRun, ids, sample_ids, ratio: float):
     return inputs, labels, None if time is None else time.to(run.device)
 
 
-@torch.no_grad()
+def _rank_share() -> tuple[int, int, object]:
+    """``(rank, world_size, context)`` of a data-parallel job (torchrun), ``(0, 1, None)``
+    for one process."""
+    from stackwise.training.distributed import active_context
+
+    ctx = active_context()
+    return (ctx.rank, ctx.world_size, ctx) if ctx is not None else (0, 1, None)
+
+
+def _batch_bytes(tok, tokens, first: int, start_window: int, n_windows: int, seq: int) -> int:
+    """UTF-8 bytes of the scored tokens of ``n_windows`` windows from ``start_window`` (decoded
+    per batch, so a data-parallel evaluation counts exactly what one process counts)."""
+    lo = first + start_window * seq
+    return text_bytes(tok, np.asarray(tokens[lo : lo + n_windows * seq]))
+
+
+@torch.inference_mode()
 def evaluate_run(
     run: LoadedRun,
     split: str = "val",
@@ -189,10 +206,17 @@ def evaluate_run(
     batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Loss, perplexity, bits per byte (and what it measures), masked accuracy and unigram
-    baseline on ``split``."""
-    from torch.utils.data import DataLoader
+    baseline on ``split``.
+
+    The head and the loss run as one native op (:func:`stackwise.ops.linear_cross_entropy`,
+    per-token losses and argmax), so the ``tokens x vocab`` logits never exist. Under torchrun
+    rank r evaluates batches r, r + W, ...; the sums (nats, scored tokens, correct predictions,
+    bytes, and a diffusion rack's bound) are all-reduced, so every rank returns the figures of
+    one process."""
+    from torch.utils.data import DataLoader, Subset
 
     from stackwise.data import create_data_loaders
+    from stackwise.ops import linear_cross_entropy_with_predictions
     from stackwise.run import likelihood
     from stackwise.training.strategies.masking import IGNORE_INDEX
 
@@ -207,7 +231,13 @@ def evaluate_run(
             f"{dataset.seq_len + 1} tokens"
         )
     bs = batch_size or config.training.batch_size
-    loader = DataLoader(dataset, batch_size=bs, shuffle=False)
+    split_tokens = len(dataset) * dataset.seq_len
+    cap = config.training.eval_max_tokens
+    windows = dataset
+    if cap is not None and cap < split_tokens:
+        # the first windows holding at most `cap` tokens (at least one window)
+        windows = Subset(dataset, range(max(1, cap // dataset.seq_len)))
+    loader = DataLoader(windows, batch_size=bs, shuffle=False)
     objective = config.training.progressive.training_objective
     m = config.training.masking
     ratio = 0.0
@@ -217,46 +247,39 @@ def evaluate_run(
             if run.input_time
             else eval_mask_ratio(config, len(rack.stacks))
         )
-    total_nats, n_scored, n_correct, n_windows = 0.0, 0, 0, 0
-    batches = []  # (ids, sample ids) for the bound of a diffusion rack
+    rank, world, ctx = _rank_share()
+    seq = dataset.seq_len
+    # the tokens scored: next tokens of causal racks, the windows' own tokens of masked ones
+    first = 0 if run.masked else 1
+    total_nats, n_scored, n_correct, n_windows, n_bytes = 0.0, 0, 0, 0, 0
+    batches = []  # (ids, sample ids) of this rank's batches, for the bound of a diffusion rack
     rack.eval()
     for batch_idx, batch in enumerate(loader):
         if max_batches is not None and batch_idx >= max_batches:
             break
         ids, sample_ids = batch["input_ids"], torch.as_tensor(batch["sample_id"])
+        start, n_windows = n_windows, n_windows + ids.shape[0]
+        if batch_idx % world != rank:
+            continue
         if run.masked:
             inputs, labels, time = _eval_inputs(run, ids, sample_ids, ratio)
         else:
             inputs, labels, time = ids, batch["labels"], None
-        logits = rack(inputs.to(dev), time=time).float()
+        hidden = rack.forward_from(rack.embed(inputs.to(dev), time), 0)
+        h, weight, bias = rack.head_inputs(hidden)
         labels = labels.to(dev)
-        scored = labels != IGNORE_INDEX
-        total_nats += float(
-            F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+        losses, preds = linear_cross_entropy_with_predictions(
+            h, weight, labels, bias, ignore_index=IGNORE_INDEX
         )
+        scored = labels != IGNORE_INDEX
+        total_nats += float(losses.double().sum())
         n_scored += int(scored.sum())
-        n_correct += int(((logits.argmax(-1) == labels) & scored).sum())
-        n_windows += ids.shape[0]
+        n_correct += int(((preds == labels) & scored).sum())
+        n_bytes += _batch_bytes(tok, dataset.tokens, first, start, ids.shape[0], seq)
         if objective == "diffusion":
             batches.append((ids, sample_ids))
-    if n_scored == 0:
-        raise TrainingError(f"nothing to score on the {split} split (no masked or target token)")
-    loss = total_nats / n_scored
-    seq = dataset.seq_len
-    # the tokens scored: next tokens of causal racks, the windows' own tokens of masked ones
-    first = 0 if run.masked else 1
-    targets = np.asarray(dataset.tokens[first : first + n_windows * seq])
-    n_bytes = text_bytes(tok, targets)
-    quantity = likelihood.bits_per_byte_quantity(objective)
-    bpb = None
-    if objective == "clm":
-        bpb = likelihood.bits_per_byte(total_nats, n_bytes)
-    elif objective == "diffusion":
+    bound = None
+    if objective == "diffusion":
         bound = likelihood.diffusion_nll_bound_nats(
             rack,
             batches,
@@ -265,6 +288,22 @@ def evaluate_run(
             special_ids=special_ids(tok),
             device=dev,
         )
+    if ctx is not None:
+        total_nats = ctx.all_reduce_sum(total_nats)
+        n_scored = round(ctx.all_reduce_sum(n_scored))
+        n_correct = round(ctx.all_reduce_sum(n_correct))
+        n_bytes = round(ctx.all_reduce_sum(n_bytes))
+        if bound is not None:
+            bound = ctx.all_reduce_sum(bound)
+    if n_scored == 0:
+        raise TrainingError(f"nothing to score on the {split} split (no masked or target token)")
+    loss = total_nats / n_scored
+    targets = np.asarray(dataset.tokens[first : first + n_windows * seq])
+    quantity = likelihood.bits_per_byte_quantity(objective)
+    bpb = None
+    if objective == "clm":
+        bpb = likelihood.bits_per_byte(total_nats, n_bytes)
+    elif objective == "diffusion":
         bpb = likelihood.bits_per_byte(bound, n_bytes)
     train_tokens = train_loader.dataset.tokens
     return {
@@ -280,4 +319,5 @@ def evaluate_run(
         "scored_tokens": n_scored,
         "bytes": n_bytes,
         "windows": n_windows,
+        "split_tokens": split_tokens,
     }

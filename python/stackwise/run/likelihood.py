@@ -32,7 +32,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stackwise.training.strategies.masking import IGNORE_INDEX, diffusion_corrupt
 
@@ -56,7 +55,7 @@ def quadrature(points: int = ELBO_POINTS) -> list[tuple[float, float]]:
     return [(float((xi + 1) / 2), float(wi / 2)) for xi, wi in zip(x, w, strict=True)]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def diffusion_nll_bound_nats(
     rack,
     batches,
@@ -78,12 +77,9 @@ def diffusion_nll_bound_nats(
                 ids, sample_ids, t, seed=seed, mask_token_id=mask_token_id, special_ids=special_ids
             )
             time = torch.full((ids.shape[0],), t, device=device) if time_conditioned else None
-            logits = rack(inputs.to(device), time=time).float()
-            nats = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                labels.to(device).reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
+            hidden = rack.forward_from(rack.embed(inputs.to(device), time), 0)
+            nats = rack.token_loss(
+                hidden, labels.to(device), reduction="sum", ignore_index=IGNORE_INDEX
             )
             total += w * float(nats) / t
     return total

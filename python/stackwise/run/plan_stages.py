@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -137,13 +136,8 @@ class _StagePass(nn.Module):
             h = torch.zeros(*ids.shape, state.config.model.d_model)
         else:
             h = rack.embed(ids, time)
-        logits = rack.logits(rack.forward_from(h, state.start))
-        # the loss as token_loss computes it (fp32 cross entropy)
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-        )
+        # the loss as the training step computes it (the fused head-and-loss op)
+        return rack.token_loss(rack.forward_from(h, state.start), labels, ignore_index=IGNORE_INDEX)
 
 
 @contextlib.contextmanager

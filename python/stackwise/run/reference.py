@@ -84,6 +84,11 @@ DESCRIPTIONS: dict[str, str] = {
     "training.seed": "seed of initialisation, shuffling and masks",
     "training.log_every": "steps between metrics records and plain progress lines",
     "training.eval_every": "steps between validation evaluations (and at each stage's end)",
+    "training.eval_max_tokens": (
+        "cap on the tokens the final evaluation (and stackwise eval) scores: the first "
+        "windows of the split holding that many (null: the whole split); the count is reported "
+        "as eval_tokens"
+    ),
     "training.run_id": "free-form run name (not read by stackwise train)",
     "training.init_from": (
         "local Hugging Face Llama folder or Llama .gguf file: its blocks become the trunk "

@@ -210,12 +210,17 @@ def _hierarchical_trainer(config, tok, resume: bool):
 
 
 def _train_worker(run: RunDirectory, config, tok, loaders, resume: bool) -> None:
-    """A non-zero rank of a data-parallel run: the same training, no files and no output."""
+    """A non-zero rank of a data-parallel run: the same training and its share of the final
+    evaluation (whose sums rank 0 receives), no files and no output."""
+    from stackwise.run.evaluate import LoadedRun, evaluate_run
+
     train_loader, val_loader = loaders
     trainer, builder = _trainer_and_builder(run, config, tok, resume)
     eval_loader = val_loader if len(val_loader.dataset) > 0 else None
     prog = config.training.progressive
     trainer.train_rack(builder, train_loader, prog.target_stacks, eval_loader=eval_loader)
+    if eval_loader is not None:
+        evaluate_run(LoadedRun(run, config, builder.rack, tok, trainer.device), "val")
 
 
 def _train(
@@ -304,9 +309,20 @@ def _train(
         save_rack(rack, run.rack)
         evaluation: dict[str, Any] = {}
         if eval_loader is not None:
-            progress.line("evaluating the final rack on the whole validation split")
+            cap = config.training.eval_max_tokens
+            progress.line(
+                "evaluating the final rack on the whole validation split"
+                if cap is None
+                else f"evaluating the final rack on the first {cap:,} validation tokens "
+                "(training.eval_max_tokens)"
+            )
             loaded = LoadedRun(run, config, rack, tok, trainer.device)
+            t_eval = time.perf_counter()
             evaluation = evaluate_run(loaded, "val")
+            progress.line(
+                f"evaluated {evaluation['scored_tokens']:,} tokens in "
+                f"{time.perf_counter() - t_eval:.1f}s: loss {evaluation['loss']:.4f}"
+            )
         wall = time.perf_counter() - t0
         records = read_metrics(run.metrics)
         summary = build_summary(
@@ -330,6 +346,8 @@ def _train(
             bits_per_byte_quantity=evaluation.get("bits_per_byte_quantity"),
             unigram_loss=evaluation.get("unigram_loss"),
             masked_accuracy=evaluation.get("masked_accuracy"),
+            eval_tokens=evaluation.get("tokens"),
+            eval_split_tokens=evaluation.get("split_tokens"),
             wall_s=summary["wall_s"],
         )
     finally:

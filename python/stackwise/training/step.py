@@ -4,9 +4,11 @@
     micro = step.micro_batch((batch_idx, batch), ratio)          # parse -> corrupt
     loss = step.loss(rack, modules, micro)                       # embed -> modules -> head
 
-A model is seen as ``embed(ids, t) -> modules[0] -> ... -> modules[n-1] -> logits(h)``: the
-modules are a rack's stacks (progressive training) or its blocks (hierarchical and fusion
-training), each called as ``module(h [B, S, D], key_padding_mask [B, S] | None)``.
+A model is seen as ``embed(ids, t) -> modules[0] -> ... -> modules[n-1] -> token_loss(h, y)``
+(the head and the cross entropy in one native op, :func:`stackwise.ops.linear_cross_entropy`,
+which never forms the logits in full): the modules are a rack's stacks (progressive training)
+or its blocks (hierarchical and fusion training), each called as
+``module(h [B, S, D], key_padding_mask [B, S] | None)``.
 
 *Boundary b* is the activation entering ``modules[b]`` (b = 0: the embeddings), the convention of
 ``Rack.forward(..., return_hidden=True)``. When everything before boundary b is frozen, the
@@ -47,7 +49,6 @@ from stackwise.training.strategies.masking import (
     IGNORE_INDEX,
     corrupt_batch,
     sample_noise_levels,
-    token_loss,
 )
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -259,9 +260,12 @@ class BatchStep:
     ) -> Tensor:
         """Mean token loss of ``m`` through ``modules[m.start:end]`` and the head, under the
         configured autocast. A micro-batch without any target is an error (callers skip them)."""
+        if m.n_tok == 0:
+            raise TrainingError(
+                "no position has a target (every label is -100): there is no loss to train on"
+            )
         with self.autocast():
-            logits = model.logits(self.hidden(model, modules, m, end))
-        return token_loss(logits, m.labels)
+            return model.token_loss(self.hidden(model, modules, m, end), m.labels)
 
     @torch.no_grad()
     def evaluate(

@@ -43,6 +43,16 @@ ARGS = {
     "linear_attention": ["phi_q", "phi_k", "v", "grad_out", "eps"],
     "attention": ["q", "k", "v", "key_padding_mask", "scale", "grad_out", "out", "lse"],
     "quant": ["x", "block_size", "packed", "absmax", "shape", "dtype", "q", "scale", "fp8_dtype"],
+    "linear_cross_entropy": [
+        "hidden",
+        "weight",
+        "bias",
+        "labels",
+        "grad_losses",
+        "label_smoothing",
+        "z_loss",
+        "reduction",
+    ],
     "quantized_linear": [
         "x",
         "grad_out",
@@ -649,6 +659,91 @@ def quantized_linear_family(draw):
     )
 
 
+@st.composite
+def linear_cross_entropy_family(draw):
+    """Labels are always in range or ignore_index: the range check needs the values, which a
+    fake kernel does not have (tests/python/ops/test_linear_cross_entropy.py covers it)."""
+    n, d, v = draw(dim(0, 7)), draw(dim(0, 6)), draw(dim(1, 40))
+    dt = draw(dtypes())
+    valid = dt in FLOATS
+    h = draw(tensors(maybe(draw, [n, d], [[n], [n, d, 1]]), dt))
+    wshape = maybe(draw, [v, d], [[v, d + 1], [0, d], [v]])
+    wdt = maybe(draw, dt, [torch.float64 if dt != torch.float64 else torch.float32])
+    w = draw(tensors(wshape, wdt))
+    valid &= list(h.shape) == [n, d] and wshape == [v, d] and wdt == dt
+    b = None
+    if draw(st.booleans()):
+        blen = maybe(draw, v, [v + 1])
+        b = draw(tensors([blen], dt))
+        valid &= blen == v
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    y = torch.randint(0, max(v, 1), (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.3] = -100
+    ylen = maybe(draw, n, [n + 1])
+    if ylen != n:
+        y = torch.zeros(ylen, dtype=torch.int64)
+    ydt = maybe(draw, torch.int64, [torch.int32])
+    y = y.to(ydt)
+    valid &= ylen == n and ydt == torch.int64
+    ls = maybe(draw, draw(st.sampled_from([0.0, 0.1])), [1.5, -0.1])
+    zl = maybe(draw, draw(st.sampled_from([0.0, 1e-3])), [-1.0, math.inf])
+    valid &= 0.0 <= ls <= 1.0 and 0.0 <= zl < math.inf
+    opts = (-100, ls, zl)
+
+    def want(reduction):
+        return ref.linear_cross_entropy_reference(
+            h, w, y, b, label_smoothing=ls, z_loss=zl, reduction=reduction
+        )
+
+    kind = draw(st.sampled_from(["forward", "backward", "fused"]))
+    if kind == "forward":
+        return (
+            "linear_cross_entropy_forward",
+            OPS.linear_cross_entropy_forward,
+            (h, w, b, y, *opts),
+            valid,
+            lambda o: close(o[0], want("none"), "linear_cross_entropy_forward", torch.float32),
+        )
+    if kind == "backward":
+        glen = maybe(draw, n, [n + 1])
+        gl = torch.rand(glen, generator=g)
+        valid &= glen == n
+
+        def check_backward(o):
+            acc = torch.float64 if dt == torch.float64 else torch.float32
+            hh = h.to(acc).requires_grad_(True)
+            ww = w.to(acc).requires_grad_(True)
+            loss = ref.linear_cross_entropy_reference(
+                hh,
+                ww,
+                y,
+                None if b is None else b.to(acc),
+                label_smoothing=ls,
+                z_loss=zl,
+                reduction="none",
+            )
+            gh, gw = torch.autograd.grad((loss * gl.to(acc)).sum(), (hh, ww), allow_unused=True)
+            close(o[0], gh, "linear_cross_entropy_backward grad_hidden", dt)
+            close(o[1], gw, "linear_cross_entropy_backward grad_weight", dt)
+
+        return (
+            "linear_cross_entropy_backward",
+            OPS.linear_cross_entropy_backward,
+            (gl, h, w, b, y, *opts, True),
+            valid,
+            check_backward,
+        )
+    red = maybe(draw, draw(st.sampled_from(["mean", "sum"])), ["none", "avg"])
+    valid &= red in ("mean", "sum")
+    return (
+        "linear_cross_entropy_fused",
+        OPS.linear_cross_entropy_fused,
+        (h, w, b, y, *opts, red, True),
+        valid,
+        lambda o: close(o[0], want(red), "linear_cross_entropy_fused", torch.float32),
+    )
+
+
 FAMILIES = {
     "swiglu": swiglu_family,
     "rms_norm": rms_norm_family,
@@ -657,6 +752,7 @@ FAMILIES = {
     "attention": attention_family,
     "quant": quant_family,
     "quantized_linear": quantized_linear_family,
+    "linear_cross_entropy": linear_cross_entropy_family,
 }
 
 

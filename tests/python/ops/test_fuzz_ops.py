@@ -27,6 +27,7 @@ FAMILIES = [
     "attention",
     "quant",
     "quantized_linear",
+    "linear_cross_entropy",
 ]
 EXAMPLES = int(os.environ.get("STACKWISE_FUZZ_EXAMPLES", "100"))
 

@@ -16,6 +16,7 @@ from torch import nn
 from stackwise.cli import main
 from stackwise.config.base import StackWiseConfig
 from stackwise.model.architecture import Rack
+from stackwise.ops import linear_cross_entropy
 from stackwise.run import likelihood
 from stackwise.run.generate import _level, generate_depth, generate_diffusion
 from utils import tiny_model
@@ -65,7 +66,8 @@ def test_quadrature_integrates_polynomials_on_the_unit_interval():
 
 
 class _Uniform(nn.Module):
-    """A rack predicting every token with probability 1/V."""
+    """A rack predicting every token with probability 1/V: a zero hidden state and a zero head,
+    through the same entry points as a Rack (embed, forward_from, token_loss)."""
 
     time_embedding = None
 
@@ -73,8 +75,17 @@ class _Uniform(nn.Module):
         super().__init__()
         self.vocab = vocab
 
-    def forward(self, ids, time=None):
-        return torch.zeros(*ids.shape, self.vocab)
+    def embed(self, ids, time=None):
+        return torch.zeros(*ids.shape, 1)
+
+    def forward_from(self, hidden, start_stack):
+        return hidden
+
+    def token_loss(self, hidden, labels, reduction="mean", ignore_index=-100):
+        head = torch.zeros(self.vocab, 1)
+        return linear_cross_entropy(
+            hidden, head, labels, reduction=reduction, ignore_index=ignore_index
+        )
 
 
 def test_the_elbo_bound_of_a_uniform_model_is_log_v_per_token():
