@@ -1,8 +1,8 @@
 # test_core: the gtests of the torch-free core (checksums, spill format, the cache store; the
 # attention and fused-loss math and the attention dispatch table the CPU and CUDA kernels share),
-# defined once here and used
-# by every build that runs them: the normal build (tests/cpp/CMakeLists.txt) and the sanitizer
-# builds (STACKWISE_SANITIZE=address|thread|ops), so a test added to the list runs in all of them.
+# defined once here and used by every build that runs them: the normal build
+# (tests/cpp/CMakeLists.txt) and the sanitizer builds (STACKWISE_SANITIZE=address|thread|ops),
+# so a test added to the list runs in all of them.
 # The caller has found GTest and called enable_testing(); extra arguments are more sources for
 # the binary.
 set(STACKWISE_CORE_TEST_SOURCES
