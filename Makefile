@@ -113,6 +113,7 @@ bench: build
 	$(VPY) bench/ops_attention.py
 	$(VPY) bench/ops_linear_attention.py --device cpu
 	$(VPY) bench/ops_quant.py
+	$(VPY) bench/ops_linear_cross_entropy.py --tokens 2048
 	$(VPY) bench/cache_store.py
 	$(VPY) bench/e2e_depth.py
 

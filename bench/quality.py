@@ -176,7 +176,7 @@ def _print_table(rows: list[dict]) -> None:
 def markdown_table(rows: list[dict]) -> str:
     """The README's table: one line per arm and budget."""
     out = [
-        "| budget | arm | steps | tokens | held-out bpb | bpb after each stage | train s "
+        "| budget | arm | what it is | steps | held-out bpb | bpb after each stage | train s "
         "| accelerator MiB (params / grads / optimizer / saved) | cache MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -189,7 +189,7 @@ def markdown_table(rows: list[dict]) -> str:
         )
         stages = " → ".join(f"{s['eval_bpb']:.2f}" for s in r["stages"])
         out.append(
-            f"| {r['budget']} | {r['arm']} | {r['steps']} | {r['tokens']:,} | "
+            f"| {r['budget']} | `{r['arm']}` | {ARMS[r['arm']][0]} | {r['steps']} | "
             f"**{r['eval_bpb']:.3f}** | {stages} | {r['train_s']:.0f} | "
             f"{r['accel_peak_bytes'] / mib:.1f} ({parts}) | {r['cache_peak_bytes'] / mib:.1f} |"
         )
@@ -202,11 +202,17 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = sorted({r["budget"] for r in rows})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.8), squeeze=False)
-    for ax, budget in zip(axes[0], budgets, strict=True):
+    for r in rows:
+        r.setdefault("panel", f"equal {r['budget']}")
+    panels = list(dict.fromkeys(r["panel"] for r in rows))
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
         for r in rows:
-            if r["budget"] != budget:
+            if r["panel"] != panel:
                 continue
             xs = [p["train_s"] for p in r["curve"]]
             ys = [p["eval_bpb"] for p in r["curve"]]
@@ -214,7 +220,7 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
             ax.plot(xs, ys, style, marker=".", label=f"{r['arm']} ({r['eval_bpb']:.2f})")
         ax.set_xlabel("training time (s)")
         ax.set_ylabel("held-out bits per byte")
-        ax.set_title(f"equal {budget}")
+        ax.set_title(panel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -254,20 +260,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--report",
         metavar="JSON",
-        help="print a result file (or a .partial.jsonl) as a markdown table and redraw --plot",
+        nargs="+",
+        help="print result files (or .partial.jsonl files) as a markdown table and draw them "
+        "all in --plot, one panel per file and budget",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.json is None:
         args.json = f"bench/quality_results/{args.tokenizer}-{args.steps}.json"
     if args.report:
-        text = Path(args.report).read_text()
-        if args.report.endswith(".jsonl"):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = json.loads(text)["rows"]
+        rows = []
+        for path in args.report:
+            text = Path(path).read_text()
+            if path.endswith(".jsonl"):
+                got = [json.loads(line) for line in text.splitlines() if line.strip()]
+                name = Path(path).name.split(".")[0]
+            else:
+                doc = json.loads(text)
+                got, name = doc["rows"], f"{doc['tokenizer']}, {doc['steps']} steps"
+            for r in got:
+                r["panel"] = f"{name}, equal {r['budget']}"
+            rows += got
         print(markdown_table(rows))
-        _plot(rows, args.plot, f"Shakespeare, {args.report}")
+        _plot(rows, args.plot, "Shakespeare, held-out bits per byte against training time")
         print(f"wrote {args.plot}")
         return 0
     if args.write_configs:

@@ -155,7 +155,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "training.progressive.stage_budget": (
         ["training.progressive.steps_per_stack=null", "training.max_steps=6"],
-        ["training.progressive.stage_budget=front_loaded"],
+        ["training.progressive.stage_budget=uniform"],
     ),
     "training.progressive.stage_lr_scale": ([], ["training.progressive.stage_lr_scale=2.0"]),
     "training.progressive.noise_ranges": (DIFF, ["training.progressive.noise_ranges=linear"]),

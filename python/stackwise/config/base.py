@@ -150,7 +150,7 @@ class ProgressiveConfig:
     epochs_per_stack: int = 1
     steps_per_stack: int | None = None
     new_stack_init: str = choice("auto", ("auto", "random", "identity", "copy"))
-    stage_budget: str = choice("uniform", ("uniform", "front_loaded", "back_loaded"))
+    stage_budget: str = choice("front_loaded", ("uniform", "front_loaded", "back_loaded"))
     consolidation_steps: int = 0
     trunk_checkpointing: bool = False
     stage_lr_scale: float = 1.0

@@ -132,8 +132,8 @@ DESCRIPTIONS: dict[str, str] = {
         "pass (bounds a qlora trunk's and the consolidation phase's memory)"
     ),
     "training.progressive.stage_budget": (
-        "split of max_steps over the stages: uniform, front_loaded (stage k of n gets n - k "
-        "shares) or back_loaded (k + 1 shares)"
+        "split of max_steps over the stages: front_loaded (stage k of n gets n - k shares; "
+        "the best in bench/quality.py), uniform or back_loaded (k + 1 shares)"
     ),
     "training.progressive.stage_lr_scale": (
         "learning-rate factor of every stage after the first (the new stack and the head)"

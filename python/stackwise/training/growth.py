@@ -12,9 +12,10 @@ are split over the stages. The progressive trainer calls these two functions; th
   mode; a stack-level growth operator in the manner of G_stack). The first stack always starts
   random.
 - ``training.progressive.stage_budget`` (:func:`stage_steps_share`): how ``training.max_steps``
-  is split over the planned stages when ``steps_per_stack`` is not set: ``uniform`` (equal
-  shares), ``front_loaded`` (stage k of n gets a share proportional to n - k: the stage that
-  trains the embeddings gets the most) or ``back_loaded`` (proportional to k + 1).
+  is split over the planned stages when ``steps_per_stack`` is not set: ``front_loaded`` (the
+  default, the best split in ``bench/quality.py``: stage k of n gets a share proportional to
+  n - k, so the stage that trains the embeddings gets the most), ``uniform`` (equal shares) or
+  ``back_loaded`` (proportional to k + 1).
 - ``training.progressive.noise_ranges`` (:func:`stage_noise_range`, mlm/diffusion objectives):
   ``none`` (each stage masks at one ratio of the ``training.masking`` schedule), or each stage
   gets its own range of mask ratios, one ratio drawn per sample (as DiffusionBlocks gives each

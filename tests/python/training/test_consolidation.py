@@ -34,7 +34,7 @@ def _config(max_steps=9, **progressive):
                 "time_step_masking": False,
                 "checkpointing": {"enabled": False},
                 "qlora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "lr": 3e-3},
-                "progressive": {"target_stacks": 2, **progressive},
+                "progressive": {"target_stacks": 2, "stage_budget": "uniform", **progressive},
             },
         }
     ).validate()

@@ -413,9 +413,12 @@ def test_max_steps_is_a_total_over_stages():
     res = trainer.train_rack(builder, _data())
     assert [h["steps"] for h in res["history"]] == [6] and res["stopped"] == "max_steps"
     assert builder.n_stacks == 1 and trainer.global_step == 6
-    config = _config(max_steps=9, progressive={"steps_per_stack": None})
+    config = _config(max_steps=9, progressive={"steps_per_stack": None, "stage_budget": "uniform"})
     res = ProgressiveTrainer(config).train_rack(ProgressiveRackBuilder(config), _data())
     assert [h["steps"] for h in res["history"]] == [4, 5]
+    config = _config(max_steps=9, progressive={"steps_per_stack": None})  # front_loaded default
+    res = ProgressiveTrainer(config).train_rack(ProgressiveRackBuilder(config), _data())
+    assert [h["steps"] for h in res["history"]] == [6, 3]
 
 
 def test_gradient_accumulation_matches_one_big_batch():
