@@ -34,9 +34,10 @@ test: build
 	@echo "== Python tests (pytest)"
 	$(VPY) -m pytest tests/python
 
-# ThreadSanitizer over the torch-free core (the activation-cache store's concurrent tests), then
-# AddressSanitizer + UBSan over the op kernels that have C++ tests (test_ops, DEFAULT ISA only),
-# each in a build folder of its own; a finding fails the run.
+# ThreadSanitizer over the torch-free core (test_core: the activation-cache store's concurrent
+# tests among them), then AddressSanitizer + UBSan over the op kernels that have C++ tests
+# (test_ops, DEFAULT ISA only) and test_core again, each in a build folder of its own; a finding
+# fails the run. test_core's sources are listed once, in cmake/StackwiseCoreTests.cmake.
 VCMAKE := $(VPY) -c "import cmake, os, sys; p = os.path.join(cmake.CMAKE_BIN_DIR, 'cmake'); os.execv(p, [p] + sys.argv[1:])"
 VCTEST := $(VPY) -c "import cmake, os, sys; os.execv(os.path.join(cmake.CMAKE_BIN_DIR, 'ctest'), ['ctest'] + sys.argv[1:])"
 SAN_CONFIG := -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) -DPython3_EXECUTABLE=$(abspath $(VPY))
@@ -112,6 +113,7 @@ bench: build
 	$(VPY) bench/ops_attention.py
 	$(VPY) bench/ops_linear_attention.py --device cpu
 	$(VPY) bench/ops_quant.py
+	$(VPY) bench/ops_linear_cross_entropy.py --tokens 2048
 	$(VPY) bench/cache_store.py
 	$(VPY) bench/e2e_depth.py
 

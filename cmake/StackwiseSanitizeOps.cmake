@@ -1,6 +1,6 @@
 # STACKWISE_SANITIZE=ops: the op kernels that have C++ tests (SwiGLU, RMSNorm, RoPE, linear
-# attention), the registrations and the torch-free core, with test_ops and the attention-math
-# test, all compiled with
+# attention), the registrations and the torch-free core, with test_ops and test_core, all
+# compiled with
 # -fsanitize=address,undefined (UBSan aborts on its first finding). Only the DEFAULT ISA is built
 # (one object per kernel instead of three, which keeps the build short) and libtorch is used as
 # installed, uninstrumented. Included from CMakeLists.txt after stackwise_core is defined.
@@ -37,8 +37,6 @@ add_executable(test_ops tests/cpp/test_swiglu_dispatch.cpp tests/cpp/test_norm_r
   tests/cpp/test_linear_attention_dispatch.cpp "${CMAKE_BINARY_DIR}/asan_options.cpp")
 target_link_libraries(test_ops PRIVATE stackwise_ops_sanitized GTest::gtest GTest::gtest_main)
 gtest_discover_tests(test_ops DISCOVERY_TIMEOUT 120)
-# The torch-free attention math the CPU kernels share.
-add_executable(test_attention_math tests/cpp/test_attention_math.cpp)
-target_link_libraries(test_attention_math PRIVATE stackwise_core GTest::gtest GTest::gtest_main)
-gtest_discover_tests(test_attention_math DISCOVERY_TIMEOUT 60)
+# Every torch-free core test (the attention math the CPU kernels share among them).
+stackwise_add_test_core()
 message(STATUS "stackwise: sanitizer build (address, undefined) of the tested op kernels and the core")

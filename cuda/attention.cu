@@ -33,7 +33,7 @@
 
 #include "attention_tiles.cuh"
 #include "common.cuh"
-#include "stackwise/attention_checks.h"
+#include "attention_checks.h"
 #include "stackwise/attention_dispatch.h"
 #include "stackwise/attention_math.h"
 

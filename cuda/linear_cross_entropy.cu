@@ -16,7 +16,7 @@
 
 #include "common.cuh"
 #include "linear_cross_entropy.h"
-#include "stackwise/checks.h"
+#include "checks.h"
 #include "stackwise/linear_cross_entropy_math.h"
 
 namespace stackwise::cuda {

@@ -16,7 +16,7 @@
 
 #include "common.cuh"
 #include "quant_dispatch.h"
-#include "stackwise/quant_checks.h"
+#include "quant_checks.h"
 
 namespace stackwise::quant {
 namespace {

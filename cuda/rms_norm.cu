@@ -20,7 +20,7 @@
 
 #include "common.cuh"
 #include "norm_rope_checks.h"
-#include "stackwise/checks.h"
+#include "checks.h"
 #include "stackwise/rms_norm_math.h"
 
 namespace stackwise::cuda {

@@ -14,7 +14,7 @@
 
 #include "common.cuh"
 #include "norm_rope_checks.h"
-#include "stackwise/checks.h"
+#include "checks.h"
 #include "stackwise/rope_math.h"
 
 namespace stackwise::cuda {

@@ -11,7 +11,7 @@
 #include <tuple>
 
 #include "common.cuh"
-#include "stackwise/checks.h"
+#include "checks.h"
 #include "stackwise/swiglu_math.h"
 
 namespace stackwise::cuda {

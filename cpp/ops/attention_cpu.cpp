@@ -20,7 +20,7 @@
 
 #include "attention_kernels.h"
 #include "cpu_alloc.h"
-#include "stackwise/attention_checks.h"
+#include "attention_checks.h"
 
 namespace stackwise {
 namespace {

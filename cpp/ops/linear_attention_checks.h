@@ -1,5 +1,5 @@
 // Argument checks of linear attention, shared by the CPU and (later) CUDA dispatchers. Each
-// names the op and the argument (DESIGN.md §6).
+// names the op and the argument (docs/DESIGN.md §6).
 //   phi_q[B,H,S,M], phi_k[B,H,S,M], v[B,H,S,Dv]; eps finite and >= 0
 //   backward: grad_out [B,H,S,Dv] like v
 #pragma once
@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "stackwise/checks.h"
+#include "checks.h"
 
 namespace stackwise {
 

@@ -15,7 +15,7 @@
 #include "cpu_alloc.h"
 #include "linear_attention_checks.h"
 #include "linear_attention_kernels.h"
-#include "stackwise/checks.h"
+#include "checks.h"
 
 namespace stackwise {
 namespace {

@@ -4,7 +4,7 @@
 // Layout: contiguous [B,H,S,M] features and [B,H,S,Dv] values; one (b,h) slice is a row-major
 // [S,M] / [S,Dv] matrix. Work is split over B*H with at::parallel_for; inside a slice S is cut
 // into chunks of kChunk rows and every product is a BLAS GEMM on tiles
-// (blas_gemm.h: the BLAS libtorch links, single-threaded inside the parallel region):
+// (cpu_gemm.h: the BLAS libtorch links, single-threaded inside the parallel region):
 //   values are widened to v' = [v, 1] (width Dv+1), so one product gives numerator and
 //   normaliser together and the state is KV' = sum k^T v' [M, Dv+1] (its last column is sum k).
 //   non-causal: KV' over all chunks, then out'_c = q_c KV'.
@@ -23,7 +23,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/Functions.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -32,7 +32,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "blas_gemm.h"
+#include "cpu_gemm.h"
 #include "linear_attention_kernels.h"
 #include "stackwise/linear_attention_math.h"
 
@@ -48,37 +48,12 @@ using at::vec::Vectorized;
 // 68-71 / 44-49 / 98-109 ms, non-causal fwd+bwd 48-57 / 24-25 / 48-54 ms.
 constexpr int64_t kChunk = 64;
 
-// Row-major C[m,n] = op(A)[m,k] op(B)[k,n] + beta C, through column-major BLAS (C^T = B^T A^T).
+// Row-major C[m,n] = op(A)[m,k] op(B)[k,n] + beta C (cpu_gemm.h: BLAS, or at::mm on tile views
+// where libtorch exports no BLAS or STACKWISE_DIRECT_BLAS=0).
 template <typename acc_t>
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const acc_t* a,
              int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i) {
-      acc_t* ci = c + i * ldc;
-      for (int64_t j = 0; j < n; ++j) ci[j] = beta == acc_t(0) ? acc_t(0) : beta * ci[j];
-    }
-    return;
-  }
-  if (blas::has_gemm<acc_t>()) {
-    blas::gemm_col_major(trans_b, trans_a, n, m, k, b, ldb, a, lda, beta, c, ldc);
-    return;
-  }
-  // No BLAS symbol in this libtorch (non-MKL builds): the same product through ATen on views.
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  auto view = [&](const acc_t* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
-    const std::vector<int64_t> sizes = trans ? std::vector<int64_t>{cols, rows}
-                                             : std::vector<int64_t>{rows, cols};
-    at::Tensor t = at::from_blob(const_cast<acc_t*>(p), sizes, {ld, 1}, opts);
-    return trans ? t.t() : t;
-  };
-  at::Tensor ct = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  at::Tensor prod = at::mm(view(a, trans_a, m, k, lda), view(b, trans_b, k, n, ldb));
-  if (beta == acc_t(0)) {
-    ct.copy_(prod);
-  } else {
-    ct.mul_(beta).add_(prod);
-  }
+  gemm_row_major<acc_t>(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 
 // Zero the strictly upper triangle of a rows x rows tile (keeps t <= s).

@@ -18,7 +18,7 @@
 #include <string>
 
 #include "linear_cross_entropy.h"
-#include "stackwise/checks.h"
+#include "checks.h"
 #include "stackwise/linear_cross_entropy_math.h"
 
 namespace stackwise::lce {

@@ -1,5 +1,5 @@
 // Argument checks of RMSNorm and RoPE, shared by the CPU and CUDA dispatchers (each adds its own
-// device-type check). Messages name the op and the argument (DESIGN.md §6).
+// device-type check). Messages name the op and the argument (docs/DESIGN.md §6).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "stackwise/checks.h"
+#include "checks.h"
 
 namespace stackwise {
 

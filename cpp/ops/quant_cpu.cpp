@@ -13,7 +13,7 @@
 
 #include "cpu_alloc.h"
 #include "quant_kernels.h"
-#include "stackwise/quant_checks.h"
+#include "quant_checks.h"
 
 namespace stackwise {
 namespace {

@@ -18,7 +18,7 @@
 #include "cpu_isa.h"
 #include "quant_dispatch.h"
 #include "quant_kernels.h"
-#include "stackwise/quant_checks.h"
+#include "quant_checks.h"
 
 namespace stackwise::quant {
 

@@ -1,4 +1,4 @@
-// Every schema of the stackwise op library, in one place (DESIGN.md §3). Ops are functional:
+// Every schema of the stackwise op library, in one place (docs/DESIGN.md §3). Ops are functional:
 // they return new tensors. Backward passes are ops of their own so that autograd (registered in
 // Python with torch.library.register_autograd) and torch.compile see them.
 #include <torch/library.h>

@@ -16,7 +16,7 @@
 #include "cpu_alloc.h"
 #include "norm_rope_checks.h"
 #include "norm_rope_kernels.h"
-#include "stackwise/checks.h"
+#include "checks.h"
 
 namespace stackwise {
 namespace {

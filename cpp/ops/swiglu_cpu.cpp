@@ -8,7 +8,7 @@
 
 #include <tuple>
 
-#include "stackwise/checks.h"
+#include "checks.h"
 #include "cpu_alloc.h"
 #include "swiglu_kernels.h"
 

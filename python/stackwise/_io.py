@@ -1,5 +1,5 @@
-"""Atomic file writes (DESIGN.md §6): write a temporary file beside the target, fsync, rename, so
-a reader sees the old file or the new one, never a partial one."""
+"""Atomic file writes (docs/DESIGN.md §6): write a temporary file beside the target, fsync,
+rename, so a reader sees the old file or the new one, never a partial one."""
 
 from __future__ import annotations
 

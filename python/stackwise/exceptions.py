@@ -1,4 +1,4 @@
-"""The project's exceptions (DESIGN.md §6).
+"""The project's exceptions (docs/DESIGN.md §6).
 
 Every error stackwise raises on purpose derives from :class:`StackWiseError`, so a caller can catch
 them all; each names what was wrong (a dotted config key, an argument, a file).

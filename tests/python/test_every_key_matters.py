@@ -108,6 +108,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "training.seed": ([], ["training.seed=1"]),
     "training.log_every": ([], ["training.log_every=2"]),
     "training.eval_every": ([], ["training.eval_every=1"]),
+    "training.eval_max_tokens": (["training.eval_every=1"], ["training.eval_max_tokens=1"]),
     "training.run_id": (FUSED, ["training.run_id=other"]),
     "training.optimizer.name": ([], ["training.optimizer.name=sgd"]),
     "training.optimizer.betas": ([], ["training.optimizer.betas=[0.5, 0.6]"]),
@@ -208,7 +209,6 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
 }
 # Keys whose change shows only where a tiny run cannot go; each names the test that shows it.
 ELSEWHERE = {
-    "training.eval_max_tokens": "the final evaluation only: test_eval_distributed.py",
     "model.tokenizer_embedding.family": "a pretrained table (embed_tokens): test_ffn_lexical.py",
     "model.tokenizer_embedding.embedding_option": "loads a pretrained table: test_ffn_lexical.py",
     "model.tokenizer_embedding.path": "the pretrained table's file: test_ffn_lexical.py",

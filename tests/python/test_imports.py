@@ -1,4 +1,4 @@
-"""Imports run one way (DESIGN §6b): config → model → data → training → run → cli.
+"""Imports run one way (docs/DESIGN.md §6b): config → model → data → training → run → cli.
 
 Three checks over every module of the package:
 

@@ -1,4 +1,4 @@
-"""Shared test helpers: the one tolerance table (DESIGN.md §5) and device parametrization.
+"""Shared test helpers: the one tolerance table (docs/DESIGN.md §5) and device parametrization.
 
 Tolerances compare an op's output, upcast to float32/float64, with the oracle in
 stackwise.ops.reference computed in the accumulation dtype. For a result rounded once to the

@@ -93,7 +93,7 @@ def _check_dim(op: str, name: str, t: Tensor, dim: int, expected: int, what: str
 
 
 def _check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
-    """The checks of stackwise/attention_checks.h, with the same messages, for fake tensors."""
+    """The checks of cpp/ops/attention_checks.h, with the same messages, for fake tensors."""
     torch._check(
         q.dtype in _FLOAT_DTYPES,
         lambda: f"{op}: q must be float32, float64, float16 or bfloat16, got {q.dtype}",

@@ -1,6 +1,6 @@
 """Fake (meta) kernels of the quantization ops, for torch.compile and meta tensors.
 
-Each makes the checks the CPU/CUDA entry points make (``cpp/include/stackwise/quant_checks.h``,
+Each makes the checks the CPU/CUDA entry points make (``cpp/ops/quant_checks.h``,
 ``cpp/ops/quant_cpu.cpp``, ``cpp/ops/quantized_linear.cpp``), with the same messages, so that an
 input the native op rejects also fails to trace instead of failing later at run time.
 """

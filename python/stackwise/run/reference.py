@@ -85,9 +85,10 @@ DESCRIPTIONS: dict[str, str] = {
     "training.log_every": "steps between metrics records and plain progress lines",
     "training.eval_every": "steps between validation evaluations (and at each stage's end)",
     "training.eval_max_tokens": (
-        "cap on the tokens the final evaluation (and stackwise eval) scores: the first "
-        "windows of the split holding that many (null: the whole split); the count is reported "
-        "as eval_tokens"
+        "cap on the tokens an evaluation scores: the final one (and stackwise eval) scores the "
+        "first windows of the split holding that many (null: the whole split; the count is "
+        "reported as eval_tokens), the periodic and end-of-stage ones stop at that many or "
+        "50 batches, whichever comes first"
     ),
     "training.run_id": "free-form run name (not read by stackwise train)",
     "training.init_from": (

@@ -180,7 +180,8 @@ class TrainLoop:
     def evaluate(self, unit: Unit, eval_loader, max_batches: int = 50) -> float:
         self.parallel.sync_weights()
         modules = unit.modules_of(unit.model)
-        return self.step.evaluate(unit.model, modules, eval_loader, unit.ratio, max_batches)
+        cap = self.training.eval_max_tokens
+        return self.step.evaluate(unit.model, modules, eval_loader, unit.ratio, max_batches, cap)
 
     def _source(self, unit, dataloader, n_batches, accum, start, progress, saved):
         """The stage's micro-batches: cached batch ids (the cache filled here) or the loader."""

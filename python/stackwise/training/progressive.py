@@ -177,7 +177,8 @@ class ProgressiveTrainer:
         """Mean loss per target token of the whole rack on ``loader`` at mask ratio ``ratio``
         (the RNG and the train/eval mode are left as they were)."""
         self.parallel.sync_weights()
-        return self.step.evaluate(rack, rack_stacks(rack), loader, ratio, max_batches)
+        cap = self.training.eval_max_tokens
+        return self.step.evaluate(rack, rack_stacks(rack), loader, ratio, max_batches, cap)
 
     # -- the run --------------------------------------------------------------------------------
 

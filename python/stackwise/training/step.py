@@ -275,20 +275,24 @@ class BatchStep:
         loader,
         ratio: float | tuple[float, float],
         max_batches: int = 50,
+        max_tokens: int | None = None,
     ) -> float:
         """Mean loss per target token of the whole model on the first ``max_batches`` batches of
-        ``loader`` at mask ratio ``ratio``. Leaves the RNG states and the train/eval mode as it
-        found them, so evaluating does not change the training that follows."""
+        ``loader`` at mask ratio ``ratio``, stopping before a batch once ``max_tokens`` window
+        positions have been scored (``training.eval_max_tokens``). Leaves the RNG states and the
+        train/eval mode as it found them, so evaluating does not change the training that
+        follows."""
         was_training = model.training
         model.eval()
-        total, count = 0.0, 0
+        total, count, seen = 0.0, 0, 0
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
                 for batch_idx, batch in enumerate(loader):
-                    if batch_idx >= max_batches:
+                    if batch_idx >= max_batches or (max_tokens is not None and seen >= max_tokens):
                         break
                     m = self.micro_batch((batch_idx, batch), ratio)
+                    seen += m.labels.numel()
                     n = m.n_tok
                     if n == 0:
                         continue

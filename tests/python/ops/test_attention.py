@@ -451,6 +451,47 @@ def test_ops_allocate_no_s_by_s_buffer(op):
         assert growth < s * s * 4 / 8, (s, growth)
 
 
+# ---- the BLAS fallback ---------------------------------------------------------------------------
+
+_GEMM_FALLBACK_SCRIPT = """
+import torch, stackwise
+from stackwise.ops.reference import attention_reference as ref
+g = torch.Generator().manual_seed(0)
+for dt, tol in ((torch.float64, 1e-7), (torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+    q = torch.randn(2, 4, 150, 40, generator=g).to(dt)
+    k, v = (torch.randn(2, 2, 150, 40, generator=g).to(dt) for _ in range(2))
+    for causal in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = stackwise.ops.attention(*leaves, causal=causal)
+        rl = [t.detach().double().clone().requires_grad_(True) for t in (q, k, v)]
+        want = ref(*rl, causal=causal)
+        torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+        out.double().pow(2).sum().backward()
+        want.pow(2).sum().backward()
+        for a, b in zip(leaves, rl):
+            torch.testing.assert_close(a.grad.double(), b.grad, atol=10 * tol, rtol=10 * tol)
+with torch.autograd.profiler.profile() as prof:
+    stackwise.ops.attention(q.float(), k.float(), v.float(), causal=True)
+assert any(e.name == "aten::mm" for e in prof.function_events), "fallback not taken"
+"""
+
+
+def test_gemm_fallback_matches_reference():
+    """STACKWISE_DIRECT_BLAS=0 takes the path of a libtorch that exports no BLAS symbols (at::mm on
+    tile views; bf16 tiles widened to fp32 first). It is read once per process: a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    package_root = os.path.dirname(os.path.dirname(stackwise.__file__))
+    path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, STACKWISE_DIRECT_BLAS="0", OMP_NUM_THREADS="1", PYTHONPATH=path)
+    res = subprocess.run(
+        [sys.executable, "-c", _GEMM_FALLBACK_SCRIPT], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 # ---- bad inputs ---------------------------------------------------------------------------------
 
 

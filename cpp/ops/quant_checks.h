@@ -4,7 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "stackwise/checks.h"
+#include "checks.h"
 #include "stackwise/quant_formats.h"
 
 namespace stackwise::quant {

@@ -11,7 +11,7 @@
 #include <optional>
 #include <vector>
 
-#include "stackwise/checks.h"
+#include "checks.h"
 
 namespace stackwise {
 
