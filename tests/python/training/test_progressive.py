@@ -76,7 +76,9 @@ def test_cached_trunk_matches_recomputed_trunk():
     losses = []
     for cache in (True, False):
         torch.manual_seed(1)
-        config = _config(progressive={"cache_activations": cache, "steps_per_stack": 12})
+        # the base learning rate in stage 2 too, so float rounding is not amplified
+        progressive = {"cache_activations": cache, "steps_per_stack": 12, "stage_lr_scale": 1.0}
+        config = _config(progressive=progressive)
         builder = ProgressiveRackBuilder(config)
         res = ProgressiveTrainer(config).train_rack(builder, _data(), target_stacks=2)
         losses.append(res["history"][1]["losses"])
